@@ -1,0 +1,238 @@
+"""Lightning data module for MSN pre-training (multi-view batches) plus labelled datasets for evaluation."""
+
+from __future__ import annotations
+
+import inspect
+import numbers
+import os
+from collections.abc import Mapping, Sequence
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from msn.data.datasets import DATASETS, SPLITS, build_dataset, has_labels
+from msn.data.transforms import MultiViewTransform, _resolve_mean_std, eval_transform
+
+__all__ = ["MSNDataModule"]
+
+# Splits whose meaning differs between pre-training and evaluation: STL-10's "train" is train+unlabeled (right
+# for pre-training), but evaluation needs the labelled part.
+_EVAL_SPLIT_ALIASES = {("stl10", "train"): "labeled"}
+
+
+class MSNDataModule(L.LightningDataModule):
+    """Multi-view pre-training data for MSN.
+
+    Batches from :meth:`train_dataloader` are ``(views, labels)``: ``views`` is a list of
+    ``transform.num_views`` tensors of shape ``(B, C, H, W)`` (target view first, then the ``rand_size``
+    anchors, then the ``focal_size`` views) and ``labels`` is a ``(B,)`` int64 tensor (``-1`` when unlabeled).
+
+    Args:
+        name: Dataset name, one of :data:`msn.data.datasets.DATASETS`.
+        root: Data folder (see :func:`msn.data.build_dataset`).
+        download: Let torchvision download missing datasets.
+        in_chans: 1 or 3 image channels.
+        batch_size: Images per batch (per device).
+        num_workers: DataLoader worker processes; ``-1`` means ``min(os.cpu_count(), 8)``.
+        pin_memory: Pin host memory (only used when CUDA is available).
+        persistent_workers: Keep workers alive between epochs (only used when ``num_workers > 0``).
+        drop_last: Drop the last incomplete batch (keeps the batch size, and thus the MSN loss, constant).
+        transform: A :class:`MultiViewTransform`, or a mapping of its keyword arguments (e.g. a Hydra
+            DictConfig); ``None`` uses the official defaults. ``in_chans``/``mean``/``std`` default to this
+            module's.
+        eval_img_size: Image size of the evaluation transform.
+        eval_crop_pct: Centre-crop fraction of the evaluation transform (1.0 for tiny images).
+        mean: Normalisation mean (``None``: ImageNet for RGB, 0.5 for grayscale).
+        std: Normalisation std (``None``: ImageNet for RGB, 0.5 for grayscale).
+        seed: Seeds the shuffling generator (and so the DataLoader workers' base seeds).
+        train_split: Split used for pre-training.
+        eval_train_split: Labelled split used as the evaluation training (support) set.
+        eval_test_split: Labelled split used as the evaluation test set.
+    """
+
+    def __init__(
+        self,
+        name: str = "digits",
+        root: str | None = None,
+        download: bool = False,
+        in_chans: int = 3,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        drop_last: bool = True,
+        transform: MultiViewTransform | Mapping | None = None,
+        eval_img_size: int = 224,
+        eval_crop_pct: float = 0.875,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        seed: int = 0,
+        train_split: str = "train",
+        eval_train_split: str = "train",
+        eval_test_split: str = "test",
+    ) -> None:
+        super().__init__()
+        if name not in DATASETS:
+            raise ValueError(f"data.name must be one of {list(DATASETS)}, got {name!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+            raise ValueError(f"data.batch_size must be an integer >= 1, got {batch_size!r}")
+        if isinstance(num_workers, bool) or not isinstance(num_workers, numbers.Integral) or num_workers < -1:
+            raise ValueError(f"data.num_workers must be an integer >= 0, or -1 for auto, got {num_workers!r}")
+        if (
+            isinstance(eval_img_size, bool)
+            or not isinstance(eval_img_size, numbers.Integral)
+            or eval_img_size < 1
+        ):
+            raise ValueError(f"data.eval_img_size must be an integer >= 1, got {eval_img_size!r}")
+        if not isinstance(eval_crop_pct, numbers.Real) or not 0.0 < eval_crop_pct <= 1.0:
+            raise ValueError(f"data.eval_crop_pct must be in (0, 1], got {eval_crop_pct!r}")
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise ValueError(f"data.seed must be an integer, got {seed!r}")
+        try:
+            in_chans, mean_t, std_t = _resolve_mean_std(in_chans, mean, std)
+        except ValueError as e:
+            raise ValueError(f"data.{e}") from e
+        for key, split in (
+            ("train_split", train_split),
+            ("eval_train_split", _EVAL_SPLIT_ALIASES.get((name, eval_train_split), eval_train_split)),
+            ("eval_test_split", eval_test_split),
+        ):
+            if split not in SPLITS[name]:
+                raise ValueError(
+                    f"data.{key} must be one of {list(SPLITS[name])} for {name!r}, got {split!r}"
+                )
+
+        self.name = name
+        self.root = None if root is None else os.fspath(root)
+        self.download = bool(download)
+        self.in_chans = in_chans
+        self.mean, self.std = mean_t, std_t
+        self.batch_size = int(batch_size)
+        self.num_workers = min(os.cpu_count() or 1, 8) if num_workers == -1 else int(num_workers)
+        self.pin_memory = bool(pin_memory)
+        self.persistent_workers = bool(persistent_workers)
+        self.drop_last = bool(drop_last)
+        self.eval_img_size = int(eval_img_size)
+        self.eval_crop_pct = float(eval_crop_pct)
+        self.seed = int(seed)
+        self.train_split = str(train_split)
+        self.eval_train_split = str(eval_train_split)
+        self.eval_test_split = str(eval_test_split)
+        self.transform = self._build_transform(transform)
+
+        self.train_dataset: Dataset | None = None
+        self._eval_datasets: tuple[Dataset, Dataset] | None = None
+
+    def _build_transform(self, transform: MultiViewTransform | Mapping | None) -> MultiViewTransform:
+        """Accept a ready transform or its kwargs (Hydra passes a DictConfig); check channel consistency."""
+        if isinstance(transform, MultiViewTransform):
+            if transform.in_chans != self.in_chans:
+                raise ValueError(
+                    f"data.transform.in_chans ({transform.in_chans}) differs from "
+                    f"data.in_chans ({self.in_chans})"
+                )
+            return transform
+        if transform is None:
+            kwargs: dict = {}
+        elif isinstance(transform, Mapping):
+            kwargs = {str(k): v for k, v in transform.items() if k != "_target_"}
+        else:
+            raise ValueError(
+                f"data.transform must be a MultiViewTransform, a mapping of its arguments or null, "
+                f"got {type(transform).__name__}"
+            )
+        if kwargs.setdefault("in_chans", self.in_chans) != self.in_chans:
+            raise ValueError(
+                f"data.transform.in_chans ({kwargs['in_chans']}) differs from data.in_chans ({self.in_chans})"
+            )
+        kwargs.setdefault("mean", self.mean)
+        kwargs.setdefault("std", self.std)
+        try:
+            return MultiViewTransform(**kwargs)
+        except TypeError as e:  # unknown key in the config
+            allowed = [p for p in inspect.signature(MultiViewTransform).parameters]
+            raise ValueError(f"data.transform: {e}; allowed keys: {allowed}") from e
+        except ValueError as e:
+            raise ValueError(f"data.transform.{e}") from e
+
+    @property
+    def num_views(self) -> int:
+        """Number of views per image in a training batch."""
+        return self.transform.num_views
+
+    def prepare_data(self) -> None:
+        """Download once (Lightning calls this on a single process) before ``setup`` runs everywhere."""
+        if self.download:
+            build_dataset(self.name, self.train_split, self.root, download=True, in_chans=self.in_chans)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the pre-training dataset with the multi-view transform (once) and check the batch size."""
+        if self.train_dataset is not None:
+            return
+        dataset = build_dataset(
+            self.name,
+            self.train_split,
+            self.root,
+            self.transform,
+            download=self.download,
+            in_chans=self.in_chans,
+        )
+        if self.drop_last and self.batch_size > len(dataset):
+            # With drop_last every batch would be dropped and training would silently run zero steps.
+            raise ValueError(
+                f"data.batch_size ({self.batch_size}) is larger than the {self.name!r} split "
+                f"{self.train_split!r} ({len(dataset)} images) while data.drop_last is true: no batch would "
+                "be produced. Lower data.batch_size or set data.drop_last=false."
+            )
+        self.train_dataset = dataset
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled multi-view batches ``(views, labels)``; see the class docstring."""
+        if self.train_dataset is None:
+            self.setup("fit")
+        # A dedicated generator: the shuffle order (and the workers' base seeds) depend on data.seed only.
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(
+            self.train_dataset,
+            batch_size=self.batch_size,
+            shuffle=True,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.persistent_workers and self.num_workers > 0,
+            drop_last=self.drop_last,
+            generator=generator,
+        )
+
+    def eval_datasets(self) -> tuple[Dataset, Dataset]:
+        """``(train, test)`` labelled datasets with the deterministic eval transform (for low-shot eval).
+
+        Raises:
+            ValueError: the dataset (or one of the chosen splits) has no labels or its files are missing.
+        """
+        if self._eval_datasets is not None:
+            return self._eval_datasets
+        tf = eval_transform(self.eval_img_size, self.in_chans, self.mean, self.std, self.eval_crop_pct)
+        out = []
+        for key, split in (
+            ("eval_train_split", self.eval_train_split),
+            ("eval_test_split", self.eval_test_split),
+        ):
+            split = _EVAL_SPLIT_ALIASES.get((self.name, split), split)
+            try:
+                ds = build_dataset(
+                    self.name, split, self.root, tf, download=self.download, in_chans=self.in_chans
+                )
+            except FileNotFoundError as e:
+                # E.g. an imagefolder without a test/ or val/ folder. Reported as "no evaluation data"
+                # (ValueError) so callers can skip the evaluation instead of failing after pre-training.
+                raise ValueError(f"no evaluation data for data.{key}={split!r}: {e}") from e
+            if not has_labels(ds):
+                raise ValueError(
+                    f"evaluation needs labels, but split {split!r} (data.{key}) of dataset {self.name!r} has "
+                    "none (an imagefolder needs one sub-folder per class). Choose a labelled "
+                    "dataset/split or disable the evaluation."
+                )
+            out.append(ds)
+        self._eval_datasets = (out[0], out[1])
+        return self._eval_datasets

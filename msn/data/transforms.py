@@ -1,0 +1,281 @@
+"""Image transforms for MSN: the multi-view pre-training augmentation and the evaluation transform.
+
+MSN compares one *target* view of an image with several *anchor* views of the same image: ``rand_views``
+large crops at ``rand_size`` and ``focal_views`` small crops at ``focal_size``. Every view is produced by the
+same augmentation recipe (random resized crop, flip, colour jitter, grayscale, blur), only the crop size and
+the crop-area range differ.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable, Sequence
+
+import torch
+from PIL import Image
+from torchvision import transforms as T
+from torchvision.transforms import InterpolationMode
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "GRAYSCALE_MEAN",
+    "GRAYSCALE_STD",
+    "ConvertMode",
+    "MultiViewTransform",
+    "blur_kernel_size",
+    "default_mean_std",
+    "eval_transform",
+    "image_mode",
+]
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+# Neutral statistics for single-channel runs: maps [0, 1] pixels to [-1, 1].
+GRAYSCALE_MEAN: tuple[float] = (0.5,)
+GRAYSCALE_STD: tuple[float] = (0.5,)
+
+_SUPPORTED_CHANS = (1, 3)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Validation helpers. They produce messages that name the offending argument and the allowed values, because
+# these values usually come from a Hydra config and the user has to find the key to fix.
+# ----------------------------------------------------------------------------------------------------
+def _check_int(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_prob(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
+    return float(value)
+
+
+def _check_range(name: str, value: object, high: float | None) -> tuple[float, float]:
+    """Validate a ``(lo, hi)`` pair with ``0 < lo <= hi`` (and ``hi <= high`` unless ``high`` is None)."""
+    interval = "(0, inf)" if high is None else f"(0, {high}]"
+    msg = f"{name} must be a pair (lo, hi) with lo <= hi, both in {interval}, got {value!r}"
+    try:
+        # tuple() also accepts OmegaConf's ListConfig, which is what Hydra passes for YAML lists.
+        pair = tuple(float(v) for v in value)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        raise ValueError(msg) from None
+    if len(pair) != 2:
+        raise ValueError(msg)
+    lo, hi = pair
+    if not (0.0 < lo <= hi and (high is None or hi <= high)):
+        raise ValueError(msg)
+    return lo, hi
+
+
+def default_mean_std(in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Normalisation statistics used when none are configured: ImageNet for RGB, ``0.5`` for grayscale."""
+    if in_chans == 3:
+        return IMAGENET_MEAN, IMAGENET_STD
+    if in_chans == 1:
+        return GRAYSCALE_MEAN, GRAYSCALE_STD
+    raise ValueError(f"in_chans must be one of {_SUPPORTED_CHANS}, got {in_chans!r}")
+
+
+def _resolve_mean_std(
+    in_chans: object, mean: Sequence[float] | None, std: Sequence[float] | None
+) -> tuple[int, tuple[float, ...], tuple[float, ...]]:
+    """Validate ``in_chans`` and return ``(in_chans, mean, std)`` with the defaults filled in."""
+    if isinstance(in_chans, bool) or in_chans not in _SUPPORTED_CHANS:
+        raise ValueError(f"in_chans must be one of {_SUPPORTED_CHANS}, got {in_chans!r}")
+    in_chans = int(in_chans)  # type: ignore[arg-type]
+    default_mean, default_std = default_mean_std(in_chans)
+    out = []
+    for name, value, default in (("mean", mean, default_mean), ("std", std, default_std)):
+        if value is None:
+            out.append(default)
+            continue
+        try:
+            vals = tuple(float(v) for v in value)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"{name} must be a list of {in_chans} numbers (one per channel), got {value!r}"
+            ) from None
+        if len(vals) != in_chans:
+            raise ValueError(
+                f"{name} must have one entry per channel (in_chans={in_chans}), "
+                f"got {len(vals)} entries: {value!r}"
+            )
+        if name == "std" and any(v <= 0 for v in vals):
+            raise ValueError(f"std entries must be > 0, got {value!r}")
+        out.append(vals)
+    return in_chans, out[0], out[1]
+
+
+def image_mode(in_chans: int) -> str:
+    """PIL mode that images are converted to for a run with ``in_chans`` channels."""
+    return "L" if in_chans == 1 else "RGB"
+
+
+def blur_kernel_size(size: int) -> int:
+    """Odd Gaussian-blur kernel size of about 10% of the view size (min 3), e.g. 224 -> 23, 96 -> 9."""
+    k = int(0.1 * size)
+    if k % 2 == 0:
+        k += 1
+    return max(3, k)
+
+
+class ConvertMode:
+    """Convert a PIL image to a fixed mode ("RGB" or "L").
+
+    A class rather than a lambda so transforms stay picklable for DataLoader workers started with ``spawn``.
+    Converting explicitly also makes palette, CMYK, RGBA and grayscale files behave in an RGB run.
+    """
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        # Pillow copies the image even when the mode already matches; skip that work.
+        return img if img.mode == self.mode else img.convert(self.mode)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(mode={self.mode!r})"
+
+
+class MultiViewTransform:
+    """The MSN views of one image: ``1`` target view, ``rand_views`` anchors, ``focal_views`` focal crops.
+
+    The target view and the ``rand_views`` anchor views are random resized crops at ``rand_size`` with area
+    fraction in ``rand_scale``; the focal views are crops at ``focal_size`` with area fraction in
+    ``focal_scale``. Each view then goes through horizontal flip, colour jitter, grayscale and Gaussian blur
+    with independent randomness, so all views differ. Setting a probability (or ``color_jitter``) to 0
+    removes that augmentation.
+
+    Args:
+        rand_size: Side of the target and anchor views, in pixels.
+        focal_size: Side of the focal views, in pixels.
+        rand_views: Number of anchor views at ``rand_size`` (besides the target view), >= 1.
+        focal_views: Number of focal views, >= 0.
+        rand_scale: ``(lo, hi)`` crop-area fraction for target and anchor views, within (0, 1].
+        focal_scale: ``(lo, hi)`` crop-area fraction for focal views, within (0, 1].
+        color_jitter: Colour-jitter strength ``s``: brightness/contrast/saturation ``0.8 s``, hue ``0.2 s``.
+        color_jitter_p: Probability of applying colour jitter.
+        grayscale_p: Probability of converting a view to grayscale (ignored when ``in_chans == 1``).
+        blur_p: Probability of applying Gaussian blur.
+        blur_sigma: ``(lo, hi)`` range of the blur standard deviation.
+        hflip_p: Probability of a horizontal flip.
+        in_chans: 1 (images converted to "L") or 3 (images converted to "RGB").
+        mean: Per-channel normalisation mean; ``None`` -> ImageNet (3 channels) or ``(0.5,)`` (1 channel).
+        std: Per-channel normalisation std; ``None`` -> ImageNet (3 channels) or ``(0.5,)`` (1 channel).
+    """
+
+    def __init__(
+        self,
+        rand_size: int = 224,
+        focal_size: int = 96,
+        rand_views: int = 1,
+        focal_views: int = 10,
+        rand_scale: Sequence[float] = (0.3, 1.0),
+        focal_scale: Sequence[float] = (0.05, 0.3),
+        color_jitter: float = 0.5,
+        color_jitter_p: float = 0.8,
+        grayscale_p: float = 0.2,
+        blur_p: float = 0.5,
+        blur_sigma: Sequence[float] = (0.1, 2.0),
+        hflip_p: float = 0.5,
+        in_chans: int = 3,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+    ) -> None:
+        self.rand_size = _check_int("rand_size", rand_size, 1)
+        self.focal_size = _check_int("focal_size", focal_size, 1)
+        # MSN needs at least one anchor view to compare against the target view.
+        self.rand_views = _check_int("rand_views", rand_views, 1)
+        self.focal_views = _check_int("focal_views", focal_views, 0)
+        self.rand_scale = _check_range("rand_scale", rand_scale, 1.0)
+        self.focal_scale = _check_range("focal_scale", focal_scale, 1.0)
+        # torchvision's ColorJitter caps hue at 0.5, i.e. strength 0.2 * s <= 0.5.
+        if (
+            isinstance(color_jitter, bool)
+            or not isinstance(color_jitter, numbers.Real)
+            or not 0.0 <= color_jitter <= 2.5
+        ):
+            raise ValueError(
+                f"color_jitter must be a strength in [0, 2.5] (0 disables it), got {color_jitter!r}"
+            )
+        self.color_jitter = float(color_jitter)
+        self.color_jitter_p = _check_prob("color_jitter_p", color_jitter_p)
+        self.grayscale_p = _check_prob("grayscale_p", grayscale_p)
+        self.blur_p = _check_prob("blur_p", blur_p)
+        self.blur_sigma = _check_range("blur_sigma", blur_sigma, None)
+        self.hflip_p = _check_prob("hflip_p", hflip_p)
+        self.in_chans, self.mean, self.std = _resolve_mean_std(in_chans, mean, std)
+
+        self._convert = ConvertMode(image_mode(self.in_chans))
+        self.rand_transform = self._view_transform(self.rand_size, self.rand_scale)
+        self.focal_transform = self._view_transform(self.focal_size, self.focal_scale)
+
+    def _view_transform(self, size: int, scale: tuple[float, float]) -> T.Compose:
+        """The augmentation pipeline of one view (SimCLR/BYOL-style recipe used by MSN)."""
+        steps: list[Callable] = [
+            T.RandomResizedCrop(size, scale=scale, interpolation=InterpolationMode.BICUBIC)
+        ]
+        if self.hflip_p > 0:
+            steps.append(T.RandomHorizontalFlip(p=self.hflip_p))
+        if self.color_jitter > 0 and self.color_jitter_p > 0:
+            s = self.color_jitter
+            # Saturation and hue are meaningless on single-channel images; leave them out rather than no-op.
+            sat, hue = (0.8 * s, 0.2 * s) if self.in_chans == 3 else (0.0, 0.0)
+            steps.append(T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s, sat, hue)], p=self.color_jitter_p))
+        if self.grayscale_p > 0 and self.in_chans == 3:
+            steps.append(T.RandomGrayscale(p=self.grayscale_p))
+        if self.blur_p > 0:
+            blur = T.GaussianBlur(kernel_size=blur_kernel_size(size), sigma=self.blur_sigma)
+            steps.append(T.RandomApply([blur], p=self.blur_p))
+        steps += [T.ToTensor(), T.Normalize(self.mean, self.std)]
+        return T.Compose(steps)
+
+    @property
+    def num_views(self) -> int:
+        """Number of tensors returned per image: target + anchor + focal views."""
+        return 1 + self.rand_views + self.focal_views
+
+    def __call__(self, img: Image.Image) -> list[torch.Tensor]:
+        """Return ``num_views`` tensors: the target view first, then the anchors, then the focal views."""
+        img = self._convert(img)
+        views = [self.rand_transform(img) for _ in range(1 + self.rand_views)]
+        views += [self.focal_transform(img) for _ in range(self.focal_views)]
+        return views
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(num_views={self.num_views}, in_chans={self.in_chans},\n"
+            f"  rand ({1 + self.rand_views} views incl. target): {self.rand_transform},\n"
+            f"  focal ({self.focal_views} views): {self.focal_transform})"
+        )
+
+
+def eval_transform(
+    img_size: int,
+    in_chans: int = 3,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    crop_pct: float = 0.875,
+) -> Callable[[Image.Image], torch.Tensor]:
+    """Deterministic evaluation transform: resize the short side to ``img_size / crop_pct``, centre-crop.
+
+    ``crop_pct=0.875`` is the usual 256 -> 224 ImageNet protocol; use ``crop_pct=1.0`` for tiny images
+    (digits, MNIST, CIFAR) where cropping would cut off content.
+    """
+    img_size = _check_int("img_size", img_size, 1)
+    if isinstance(crop_pct, bool) or not isinstance(crop_pct, numbers.Real) or not 0.0 < crop_pct <= 1.0:
+        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct!r}")
+    in_chans, mean, std = _resolve_mean_std(in_chans, mean, std)
+    return T.Compose(
+        [
+            ConvertMode(image_mode(in_chans)),
+            T.Resize(round(img_size / crop_pct), interpolation=InterpolationMode.BICUBIC),
+            T.CenterCrop(img_size),
+            T.ToTensor(),
+            T.Normalize(mean, std),
+        ]
+    )

@@ -1,0 +1,57 @@
+"""MSN projection head and prototypes."""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import torch
+from torch import Tensor, nn
+
+
+def init_like_official(module: nn.Module) -> None:
+    """trunc_normal(0.02) for Linear weights, zero biases, LayerNorm/BatchNorm weight 1 bias 0."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.LayerNorm, nn.BatchNorm1d)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class ProjectionHead(nn.Sequential):
+    """Linear(D, H)-BN-GELU-Linear(H, H)-BN-GELU-Linear(H, out), no BN on the output.
+
+    Layer names (``fc1, bn1, gelu1, fc2, bn2, gelu2, fc3``) are the official ones, so an official
+    checkpoint's ``fc.*`` keys map one to one. Input (B, D), output (B, out).
+    """
+
+    def __init__(self, in_dim: int, hidden_dim: int = 2048, out_dim: int = 256, use_bn: bool = True) -> None:
+        if min(in_dim, hidden_dim, out_dim) < 1:
+            raise ValueError(f"head dims must be >= 1, got in={in_dim} hidden={hidden_dim} out={out_dim}")
+
+        def norm() -> nn.Module:
+            return nn.BatchNorm1d(hidden_dim) if use_bn else nn.Identity()
+
+        super().__init__(
+            OrderedDict(
+                fc1=nn.Linear(in_dim, hidden_dim),
+                bn1=norm(),
+                gelu1=nn.GELU(),
+                fc2=nn.Linear(hidden_dim, hidden_dim),
+                bn2=norm(),
+                gelu2=nn.GELU(),
+                fc3=nn.Linear(hidden_dim, out_dim),
+            )
+        )
+        init_like_official(self)
+
+
+def init_prototypes(num_prototypes: int, dim: int, generator: torch.Generator | None = None) -> Tensor:
+    """(K, dim) prototypes drawn from U(-1/sqrt(dim), 1/sqrt(dim)), the official init."""
+    if num_prototypes < 1:
+        raise ValueError(f"model.num_prototypes={num_prototypes} must be >= 1")
+    bound = 1.0 / math.sqrt(dim)
+    return torch.empty(num_prototypes, dim).uniform_(-bound, bound, generator=generator)

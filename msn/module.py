@@ -1,0 +1,264 @@
+"""The MSN LightningModule: wires encoders, head, prototypes, masking, loss and schedules.
+
+All the math lives in pure modules (``msn.loss``, ``msn.masking``, ``msn.schedules``,
+``msn.ema``); this class only decides what runs when.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from msn import backbone, distributed
+from msn.ema import ema_update_
+from msn.head import ProjectionHead, init_prototypes
+from msn.loss import MSNLoss
+from msn.masking import MASK_MODES
+from msn.schedules import linear_at, lr_at, wd_at
+
+DEFAULT_ENCODER: dict[str, Any] = {"arch": "vit_small", "patch_size": 16, "img_size": 224, "in_chans": 3}
+DEFAULT_HEAD: dict[str, Any] = {"hidden_dim": 2048, "out_dim": 256, "use_bn": True}
+DEFAULT_OPTIM: dict[str, Any] = {
+    "start_lr": 2e-4,
+    "ref_lr": 1e-3,
+    "final_lr": 1e-6,
+    "warmup_epochs": 15,
+    "ref_wd": 0.04,
+    "final_wd": 0.4,
+    "betas": (0.9, 0.999),
+    "schedule_scale": 1.25,  # every schedule spans 1.25 x the real iterations (official ipe_scale)
+    "clip_grad": 3.0,  # over encoder + head, never the prototypes; 0 disables
+    "fused": "auto",  # fused AdamW kernel on CUDA
+}
+
+
+def _merged(defaults: Mapping[str, Any], given: Mapping[str, Any] | None, what: str) -> dict[str, Any]:
+    given = dict(given or {})
+    unknown = set(given) - set(defaults)
+    if unknown:
+        raise ValueError(f"unknown keys in model.{what}: {sorted(unknown)}; allowed: {sorted(defaults)}")
+    return {**defaults, **given}
+
+
+class MSNModule(L.LightningModule):
+    """Masked Siamese Networks pre-training.
+
+    Batch layout: ``(views, labels)`` where ``views`` is a list of tensors (B, C, H, W): the
+    target view first, then ``rand_views`` anchor views at full size (masked), then the focal
+    views (small crops, unmasked unless ``mask_focal``). Labels are ignored.
+
+    Args:
+        encoder: kwargs of :func:`msn.backbone.build_vit` (arch, patch_size, img_size, in_chans, ...).
+        head: ``hidden_dim``, ``out_dim``, ``use_bn`` of the projection head.
+        num_prototypes: K learnable prototypes of dimension ``head.out_dim``.
+        loss: kwargs of :class:`msn.loss.MSNLoss`.
+        mask_ratio: fraction of patches dropped from the full-size anchor views.
+        mask_mode: ``shared`` (one permutation per batch, official) or ``per_sample``.
+        mask_focal: also mask the focal views (official: no).
+        rand_views: number of full-size anchor views in each batch (official 1).
+        ema: (start, end) momentum of the target network, linear over ``schedule_scale`` x steps.
+        sharpen: (start, end) sharpening temperature, linear likewise (official 0.25 -> 0.25).
+        optim: learning-rate / weight-decay schedule and clipping, see ``DEFAULT_OPTIM``.
+        prototypes_grad: ``sum`` (official: prototype gradients summed over ranks) or ``mean``
+            (what DDP does by itself).
+        features: which token :meth:`features` returns for evaluation (``cls_prenorm`` official).
+    """
+
+    def __init__(
+        self,
+        encoder: Mapping[str, Any] | None = None,
+        head: Mapping[str, Any] | None = None,
+        num_prototypes: int = 1024,
+        loss: Mapping[str, Any] | None = None,
+        mask_ratio: float = 0.15,
+        mask_mode: str = "shared",
+        mask_focal: bool = False,
+        rand_views: int = 1,
+        ema: Sequence[float] = (0.996, 1.0),
+        sharpen: Sequence[float] = (0.25, 0.25),
+        optim: Mapping[str, Any] | None = None,
+        prototypes_grad: str = "sum",
+        features: str = "cls_prenorm",
+    ) -> None:
+        super().__init__()
+        encoder_cfg = {**DEFAULT_ENCODER, **dict(encoder or {})}
+        head_cfg = _merged(DEFAULT_HEAD, head, "head")
+        self.optim_cfg = _merged(DEFAULT_OPTIM, optim, "optim")
+        if not 0.0 <= mask_ratio < 1.0:
+            raise ValueError(f"model.mask_ratio={mask_ratio} must be in [0, 1)")
+        if mask_mode not in MASK_MODES:
+            raise ValueError(f"model.mask_mode={mask_mode!r} is unknown; allowed: {', '.join(MASK_MODES)}")
+        if prototypes_grad not in ("sum", "mean"):
+            raise ValueError(f"model.prototypes_grad={prototypes_grad!r}; allowed: sum, mean")
+        if rand_views < 1:
+            raise ValueError(f"model.rand_views={rand_views} must be >= 1")
+        self.save_hyperparameters()
+
+        self.encoder = backbone.build_vit(**encoder_cfg)
+        self.head = ProjectionHead(self.encoder.embed_dim, **head_cfg)
+        self.prototypes = nn.Parameter(init_prototypes(num_prototypes, head_cfg["out_dim"]))
+        # The target network starts as an exact copy and is only ever moved by EMA.
+        self.target_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
+        self.target_head = copy.deepcopy(self.head).requires_grad_(False)
+        self.criterion = MSNLoss(**dict(loss or {}))
+
+        self.mask_ratio = mask_ratio
+        self.mask_mode = mask_mode
+        self.mask_focal = mask_focal
+        self.rand_views = rand_views
+        self.ema_range = tuple(float(v) for v in ema)
+        self.sharpen_range = tuple(float(v) for v in sharpen)
+        self.prototypes_grad = prototypes_grad
+        self.feature_kind = features
+        self._momentum = self.ema_range[0]
+        self._last_batch_time: float | None = None
+
+    # ------------------------------------------------------------------ schedules
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps of the whole run (known once attached to a trainer)."""
+        return max(1, int(self.trainer.estimated_stepping_batches))
+
+    @property
+    def warmup_steps(self) -> int:
+        epochs = max(1, self.trainer.max_epochs or 1)
+        return int(self.optim_cfg["warmup_epochs"] * self.total_steps / epochs)
+
+    def schedule_values(self, step: int) -> dict[str, float]:
+        """lr, wd, EMA momentum and sharpening temperature used by (0-based) iteration ``step``."""
+        o, total, scale = self.optim_cfg, self.total_steps, self.optim_cfg["schedule_scale"]
+        # lr/wd schedulers are stepped before the optimizer in the official loop, hence step + 1.
+        return {
+            "lr": lr_at(step + 1, total, self.warmup_steps, o["start_lr"], o["ref_lr"], o["final_lr"], scale),
+            "wd": wd_at(step + 1, total, o["ref_wd"], o["final_wd"], scale),
+            "momentum": linear_at(step, total, *self.ema_range, scale=scale),
+            "sharpen_temperature": linear_at(step, total, *self.sharpen_range, scale=scale),
+        }
+
+    # ------------------------------------------------------------------ forward
+    def anchor_projections(self, anchor_views: Sequence[Tensor]) -> Tensor:
+        """Projections (B*V, d) of the anchor views, view-major.
+
+        Views of one size go through the encoder in one call (the official multi-crop trick);
+        the head then sees all anchor views at once so its BatchNorm statistics are shared.
+        """
+        full = torch.cat(list(anchor_views[: self.rand_views]))
+        focal = anchor_views[self.rand_views :]
+        _, h = backbone.encode(self.encoder, full, self.mask_ratio, self.mask_mode)
+        outputs = [h]
+        if focal:
+            focal_ratio = self.mask_ratio if self.mask_focal else 0.0
+            _, h_focal = backbone.encode(self.encoder, torch.cat(list(focal)), focal_ratio, self.mask_mode)
+            outputs.append(h_focal)
+        return self.head(torch.cat(outputs))
+
+    @torch.no_grad()
+    def target_projections(self, target_view: Tensor) -> Tensor:
+        """Projections (B, d) of the unmasked target view by the EMA network (train-mode BN)."""
+        _, h = backbone.encode(self.target_encoder, target_view)
+        return self.target_head(h)
+
+    @torch.no_grad()
+    def features(self, images: Tensor) -> Tensor:
+        """Frozen evaluation features of the target encoder, (B, D)."""
+        return backbone.extract(self.target_encoder, images, self.feature_kind)
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, batch: tuple[list[Tensor], Tensor], batch_idx: int) -> Tensor:
+        views, _ = batch
+        if len(views) < 1 + self.rand_views:
+            raise ValueError(
+                f"batch has {len(views)} views; MSN needs a target view and model.rand_views="
+                f"{self.rand_views} anchor views (check data.transform.rand_views)"
+            )
+        batch_size = views[0].shape[0]
+        sched = self.schedule_values(self.global_step)
+        self._apply_schedules(sched)
+        self._momentum = sched["momentum"]
+
+        z_t = self.target_projections(views[0])
+        z_a = self.anchor_projections(views[1:])
+        out = self.criterion(z_a, z_t, self.prototypes, sharpen_temperature=sched["sharpen_temperature"])
+
+        self.log_dict(
+            {
+                "train/loss": out.loss,
+                "train/ce": out.ce,
+                "train/me_max": out.me_max,
+                "train/entropy": out.entropy,
+                "train/num_prototypes_used": out.num_prototypes_used,
+                "train/max_target_prob": out.max_target_prob,
+                "train/min_target_prob": out.min_target_prob,
+            },
+            prog_bar=False,
+            batch_size=batch_size,
+        )
+        self.log("loss", out.loss, prog_bar=True, logger=False, batch_size=batch_size)
+        self.log_dict({f"schedule/{k}": v for k, v in sched.items()}, batch_size=batch_size)
+        now = time.perf_counter()
+        if self._last_batch_time is not None:
+            ips = batch_size * distributed.world_size() / max(now - self._last_batch_time, 1e-9)
+            self.log("train/images_per_sec", ips, prog_bar=True, batch_size=batch_size)
+        self._last_batch_time = now
+        return out.loss
+
+    def on_train_epoch_start(self) -> None:
+        # Don't count the data-loader start-up between epochs as step time.
+        self._last_batch_time = None
+
+    def _apply_schedules(self, sched: Mapping[str, float]) -> None:
+        for group in self.optimizers().optimizer.param_groups:
+            group["lr"] = sched["lr"]
+            if group.get("apply_wd", False):
+                group["weight_decay"] = sched["wd"]
+
+    def on_after_backward(self) -> None:
+        # DDP averages gradients; the official code sums the prototype gradients over ranks.
+        if self.prototypes_grad == "sum" and self.prototypes.grad is not None:
+            self.prototypes.grad.mul_(distributed.world_size())
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        # Clip encoder + head only: the official recipe never clips the prototypes, which
+        # Lightning's trainer-level clipping (all parameters) would do.
+        clip = self.optim_cfg["clip_grad"]
+        if clip and clip > 0:
+            params = [*self.encoder.parameters(), *self.head.parameters()]
+            torch.nn.utils.clip_grad_norm_(params, clip)
+
+    def optimizer_step(
+        self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None
+    ) -> None:
+        optimizer.step(closure=optimizer_closure)
+        # EMA after every optimizer step, with the momentum of the step that just ran.
+        ema_update_(self.target_encoder, self.encoder, self._momentum)
+        ema_update_(self.target_head, self.head, self._momentum)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """AdamW with the official groups: decayed weights; biases and 1-D params; prototypes."""
+        decay, no_decay = [], []
+        for module in (self.encoder, self.head):
+            for name, p in module.named_parameters():
+                # Biases, norms and every 1-D parameter are not decayed; cls_token, pos_embed
+                # and the patch conv are (they are not 1-D), as in the official code.
+                (no_decay if name.endswith("bias") or p.ndim == 1 else decay).append(p)
+        o = self.optim_cfg
+        groups = [
+            {"params": decay, "weight_decay": o["ref_wd"], "apply_wd": True},
+            {"params": no_decay, "weight_decay": 0.0, "apply_wd": False},
+            {"params": [self.prototypes], "weight_decay": 0.0, "apply_wd": False},
+        ]
+        fused = o["fused"]
+        if fused == "auto":
+            fused = self.device.type == "cuda"
+        return torch.optim.AdamW(groups, lr=o["start_lr"], betas=tuple(o["betas"]), fused=bool(fused))

@@ -1,0 +1,106 @@
+"""Every config composes and validates; invalid values stop before any compute with one message."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from msn.config import ConfigError, validate_config
+from msn.train import CONFIG_DIR
+
+EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
+# REFERENCE §2: (arch, patch, mask ratio, epochs) of the paper recipes
+PAPER = {
+    "msn_vits16": ("vit_small", 16, 0.15, 800),
+    "msn_vitb16": ("vit_base", 16, 0.3, 600),
+    "msn_vitl16": ("vit_large", 16, 0.5, 600),
+    "msn_vitb4": ("vit_base", 4, 0.7, 300),
+    "msn_vitl7": ("vit_large", 7, 0.7, 200),
+}
+
+
+def _compose(overrides=()):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose("train", overrides=["output_dir=/tmp/unused", "name=test", *overrides])
+
+
+def test_all_experiments_listed():
+    assert {"digits", "fmnist_cpu", *PAPER} <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_composes_and_validates(experiment, tmp_path):
+    cfg = _compose([f"experiment={experiment}", f"data.root={tmp_path}"])
+    validate_config(cfg)
+    assert cfg.model.encoder.img_size == cfg.data.transform.rand_size
+    assert cfg.model.rand_views == cfg.data.transform.rand_views
+
+
+@pytest.mark.parametrize("experiment", sorted(PAPER))
+def test_paper_recipes_match_reference(experiment, tmp_path):
+    cfg = _compose([f"experiment={experiment}", f"data.root={tmp_path}"])
+    arch, patch, ratio, epochs = PAPER[experiment]
+    assert (cfg.model.encoder.arch, cfg.model.encoder.patch_size) == (arch, patch)
+    assert (cfg.model.mask_ratio, cfg.trainer.max_epochs) == (ratio, epochs)
+    t = cfg.data.transform
+    assert (t.rand_size, t.focal_size, t.rand_views, t.focal_views) == (224, 96, 1, 10)
+    assert list(t.rand_scale) == [0.3, 1.0] and list(t.focal_scale) == [0.05, 0.3]
+    assert (t.color_jitter, t.color_jitter_p, t.grayscale_p, t.blur_p, t.hflip_p) == (0.5, 0.8, 0.2, 0.5, 0.5)
+    m = cfg.model
+    assert (m.num_prototypes, m.head.hidden_dim, m.head.out_dim, m.mask_mode, m.mask_focal) == (
+        1024,
+        2048,
+        256,
+        "shared",
+        False,
+    )
+    assert (m.loss.temperature, m.loss.sharpen_temperature, m.loss.sinkhorn_iterations) == (0.1, 0.25, 3)
+    assert (m.loss.me_max_weight, m.loss.entropy_weight) == (1.0, 0.0)
+    o = m.optim
+    assert (o.start_lr, o.ref_lr, o.final_lr, o.warmup_epochs) == (2e-4, 1e-3, 1e-6, 15)
+    assert (o.ref_wd, o.final_wd, o.clip_grad, o.schedule_scale) == (0.04, 0.4, 3.0, 1.25)
+    assert list(m.ema) == [0.996, 1.0] and cfg.data.batch_size == 64
+    assert cfg.trainer.precision == "32-true"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.mask_ratio=1.0"], "model.mask_ratio=1.0 must be a number in [0, 1)"),
+        (["model.mask_ratio=-0.1"], "model.mask_ratio=-0.1 must be a number in [0, 1)"),
+        (["data.transform.focal_size=2"], "data.transform.focal_size=2 is smaller than one patch"),
+        (["data.transform.rand_size=3"], "data.transform.rand_size=3 is smaller than one patch"),
+        (["model.num_prototypes=0"], "model.num_prototypes=0 must be an integer >= 1"),
+        (["data=imagefolder", "data.root=/no/such/folder"], "data.root='/no/such/folder' does not exist"),
+        (["data=imagefolder"], "data.root is required for data=imagefolder"),
+        (
+            ["model.encoder.arch=vit_gigantic"],
+            "model.encoder.arch='vit_gigantic' is unknown; allowed: vit_nano",
+        ),
+        (["model.encoder.patch_size=5"], "model.encoder.patch_size=5 is not supported"),
+        (["data.batch_size=1"], "data.batch_size=1 with BatchNorm in the projection head"),
+        (["data.name=mnist3d"], "data.name='mnist3d' is unknown; allowed: digits"),
+        (["model.mask_mode=blocks"], "model.mask_mode='blocks' is unknown; allowed: shared, per_sample"),
+        (["lowshot.shots=[0]"], "lowshot.shots=[0] must be a non-empty list of integers >= 1"),
+    ],
+)
+def test_invalid_config_messages(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        validate_config(_compose(overrides))
+    assert message in str(err.value)
+
+
+def test_batch_size_one_is_fine_without_batchnorm():
+    validate_config(_compose(["data.batch_size=1", "model.head.use_bn=false"]))
+
+
+def test_all_problems_reported_at_once():
+    with pytest.raises(ConfigError) as err:
+        validate_config(_compose(["model.mask_ratio=2", "model.num_prototypes=0", "data.batch_size=1"]))
+    assert len(err.value.problems) == 3
+
+
+def test_defaults_are_the_digits_experiment():
+    cfg = _compose()
+    assert cfg.data.name == "digits" and cfg.model.encoder.arch == "vit_nano"
+    assert Path(CONFIG_DIR / "train.yaml").is_file()

@@ -1,0 +1,139 @@
+"""MSNModule wiring: optimizer groups, schedules, clipping, EMA target, prototypes learning."""
+
+import copy
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from msn.module import MSNModule
+from msn.schedules import linear_at
+
+B, VIEWS = 8, (16, 16, 8, 8)  # target, one masked anchor, two focal views
+
+
+class RandomViews(Dataset):
+    def __len__(self):
+        return 4 * B
+
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(i)
+        return [torch.randn(1, s, s, generator=g) for s in VIEWS], 0
+
+
+def _module(**kw):
+    torch.manual_seed(0)
+    kw.setdefault("optim", {"warmup_epochs": 1, "ref_lr": 1e-2})
+    return MSNModule(
+        encoder={"arch": "vit_nano", "patch_size": 4, "img_size": 16, "in_chans": 1},
+        head={"hidden_dim": 32, "out_dim": 16},
+        num_prototypes=10,
+        mask_ratio=0.25,
+        **kw,
+    )
+
+
+class RecordingModule(MSNModule):
+    """Keeps a float64 shadow of the EMA computed independently from each step's anchor weights."""
+
+    def on_fit_start(self):
+        self.shadow = [p.detach().double().clone() for p in self.target_encoder.parameters()]
+        self.momenta, self.lrs = [], []
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        m = linear_at(self.global_step - 1, self.total_steps, *self.ema_range)
+        self.momenta.append(m)
+        self.lrs.append(self.optimizers().optimizer.param_groups[0]["lr"])
+        for s, p in zip(self.shadow, self.encoder.parameters()):
+            s.mul_(m).add_((1 - m) * p.detach().double())
+
+
+def _fit(model, steps=3):
+    trainer = L.Trainer(
+        max_steps=steps,
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, DataLoader(RandomViews(), batch_size=B, drop_last=True))
+    return trainer
+
+
+def test_steps_train_prototypes_and_anchor_and_target_is_ema():
+    model = _module()
+    model.__class__ = RecordingModule
+    start = copy.deepcopy(model)
+    _fit(model, steps=3)
+    assert not torch.allclose(model.prototypes, start.prototypes)
+    assert not torch.allclose(
+        model.encoder.blocks[0].attn.qkv.weight, start.encoder.blocks[0].attn.qkv.weight
+    )
+    assert not torch.allclose(model.head.fc3.weight, start.head.fc3.weight)
+    # target moved, but only by EMA: equal to the independently computed float64 shadow
+    for s, t in zip(model.shadow, model.target_encoder.parameters()):
+        torch.testing.assert_close(t.double(), s, rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(model.target_encoder.cls_token, model.encoder.cls_token)
+    assert all(not p.requires_grad for p in model.target_encoder.parameters())
+    assert model.momenta[0] == pytest.approx(0.996)
+
+
+def test_optimizer_groups_follow_official_rules():
+    model = _module()
+    opt = model.configure_optimizers()
+    decay, no_decay, protos = opt.param_groups
+    ids = lambda ps: {id(p) for p in ps}  # noqa: E731
+    assert ids(protos["params"]) == {id(model.prototypes)} and protos["weight_decay"] == 0
+    assert no_decay["weight_decay"] == 0
+    assert id(model.encoder.cls_token) in ids(decay["params"])
+    assert id(model.encoder.pos_embed) in ids(decay["params"])
+    assert id(model.encoder.patch_embed.proj.weight) in ids(decay["params"])
+    assert id(model.encoder.norm.weight) in ids(no_decay["params"])
+    assert id(model.head.fc1.bias) in ids(no_decay["params"])
+    assert id(model.head.bn1.weight) in ids(no_decay["params"])
+    assert all(p.ndim > 1 for p in decay["params"])
+    n_trainable = sum(1 for p in model.parameters() if p.requires_grad)
+    assert len(decay["params"]) + len(no_decay["params"]) + 1 == n_trainable
+
+
+def test_schedules_are_set_every_step():
+    model = _module()
+    model.__class__ = RecordingModule
+    _fit(model, steps=3)
+    expected = [model.schedule_values(s)["lr"] for s in range(3)]
+    assert model.lrs == pytest.approx(expected)
+    assert len(set(model.lrs)) == 3
+
+
+def test_clipping_covers_encoder_and_head_not_prototypes():
+    model = _module(optim={"clip_grad": 1.0})
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 10.0)
+    model.configure_gradient_clipping(None)
+    params = [*model.encoder.parameters(), *model.head.parameters()]
+    total = torch.norm(torch.stack([p.grad.norm() for p in params]))
+    assert total == pytest.approx(1.0, rel=1e-4)
+    assert torch.all(model.prototypes.grad == 10.0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"mask_ratio": 1.0}, "mask_ratio"),
+        ({"mask_mode": "block"}, "mask_mode"),
+        ({"num_prototypes": 0}, "num_prototypes"),
+        ({"optim": {"lr": 1}}, "unknown keys in model.optim"),
+        ({"prototypes_grad": "max"}, "prototypes_grad"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    base = {
+        "encoder": {"arch": "vit_nano", "patch_size": 4, "img_size": 16, "in_chans": 1},
+        "head": {"hidden_dim": 32, "out_dim": 16},
+        "num_prototypes": 10,
+    }
+    with pytest.raises(ValueError, match=match):
+        MSNModule(**{**base, **kwargs})

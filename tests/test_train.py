@@ -1,0 +1,66 @@
+"""End-to-end runs of train.py (subprocess, as a user runs it)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = [
+    "trainer.max_steps=2",
+    "trainer.max_epochs=1",
+    "trainer.enable_progress_bar=false",
+    "data.batch_size=16",
+    "model.head.hidden_dim=64",
+    "model.num_prototypes=32",
+    "lowshot.shots=[1]",
+    "lowshot.seeds=[0]",
+]
+
+
+def _train(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={tmp_path}", *FAST, *overrides]
+    return subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_two_step_run_checkpoints_and_prints_lowshot_table(tmp_path):
+    proc = _train(tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "MSN target encoder" in proc.stdout and "raw pixels" in proc.stdout
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    assert state["global_step"] == 2
+    keys = state["state_dict"].keys()
+    assert {"prototypes", "encoder.cls_token", "target_encoder.cls_token", "head.fc1.weight"} <= set(keys)
+    table = json.loads((tmp_path / "lowshot.json").read_text())
+    assert set(table) == {"MSN target encoder", "raw pixels"}
+    assert 0 <= table["raw pixels"]["1"]["mean"] <= 100
+    metrics = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()[0]
+    for name in (
+        "train/loss",
+        "train/me_max",
+        "train/num_prototypes_used",
+        "schedule/lr",
+        "schedule/momentum",
+    ):
+        assert name in metrics
+
+    # ckpt_path=last resumes from this run dir and continues the step count
+    proc = _train(tmp_path, "ckpt_path=last", "trainer.max_steps=4", "lowshot.enabled=false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    assert state["global_step"] == 4
+
+
+@pytest.mark.slow
+def test_invalid_config_stops_before_compute_with_one_message(tmp_path):
+    proc = _train(tmp_path, "model.mask_ratio=1.5", "data.batch_size=1")
+    assert proc.returncode == 2
+    assert "model.mask_ratio=1.5 must be a number in [0, 1)" in proc.stderr
+    assert "data.batch_size=1 with BatchNorm" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "checkpoints").exists()
