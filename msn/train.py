@@ -74,21 +74,29 @@ def run_lowshot(model: Any, datamodule: Any, cfg: DictConfig, output_dir: Path) 
     except ValueError as err:  # unlabeled data: nothing to evaluate, not an error
         log.info("skipping low-shot evaluation: %s", err)
         return None
-    device = model.device
-    model.eval()
-    encode = model.features
-    kw = {"batch_size": cfg.lowshot.batch_size, "device": device}
-    train_x, train_y = extract_features(encode, train_ds, desc="features (train)", **kw)
-    test_x, test_y = extract_features(encode, test_ds, desc="features (test)", **kw)
     shots, seeds, lambd = list(cfg.lowshot.shots), list(cfg.lowshot.seeds), cfg.lowshot.lambd
-    results = {"MSN target encoder": lowshot_eval(train_x, train_y, test_x, test_y, shots, seeds, lambd)}
+    kw = {"batch_size": cfg.lowshot.batch_size, "device": model.device}
+
+    def evaluate(net: Any, label: str) -> dict[int, tuple[float, float]]:
+        net.eval()
+        train_x, train_y = extract_features(net.features, train_ds, desc=f"{label} (train)", **kw)
+        test_x, test_y = extract_features(net.features, test_ds, desc=f"{label} (test)", **kw)
+        return lowshot_eval(train_x, train_y, test_x, test_y, shots, seeds, lambd)
+
+    results = {"MSN target encoder": evaluate(model, "features")}
+    if cfg.lowshot.random_init:
+        # The same architecture before any training: what pre-training bought.
+        with torch.random.fork_rng():
+            torch.manual_seed(cfg.seed)
+            fresh = instantiate(cfg.model, _convert_="all").to(model.device)
+        results["random init"] = evaluate(fresh, "random-init features")
     if cfg.lowshot.raw_pixels:
         rx, ry = raw_pixel_features(train_ds)
         tx, ty = raw_pixel_features(test_ds)
         results["raw pixels"] = lowshot_eval(rx, ry, tx, ty, shots, seeds, lambd)
     title = (
         f"Low-shot accuracy (%), {cfg.data.name}: logistic regression on k labelled images per class, "
-        f"mean ± std over {len(seeds)} splits, {len(test_y)} test images"
+        f"mean ± std over {len(seeds)} splits, {len(test_ds)} test images"
     )
     table = format_table(results, title=title)
     payload = {

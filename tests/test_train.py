@@ -13,6 +13,7 @@ FAST = [
     "trainer.max_steps=2",
     "trainer.max_epochs=1",
     "trainer.enable_progress_bar=false",
+    "trainer.log_every_n_steps=1",
     "data.batch_size=16",
     "model.head.hidden_dim=64",
     "model.num_prototypes=32",
@@ -37,7 +38,7 @@ def test_two_step_run_checkpoints_and_prints_lowshot_table(tmp_path):
     keys = state["state_dict"].keys()
     assert {"prototypes", "encoder.cls_token", "target_encoder.cls_token", "head.fc1.weight"} <= set(keys)
     table = json.loads((tmp_path / "lowshot.json").read_text())
-    assert set(table) == {"MSN target encoder", "raw pixels"}
+    assert set(table) == {"MSN target encoder", "random init", "raw pixels"}
     assert 0 <= table["raw pixels"]["1"]["mean"] <= 100
     metrics = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()[0]
     for name in (
@@ -50,7 +51,7 @@ def test_two_step_run_checkpoints_and_prints_lowshot_table(tmp_path):
         assert name in metrics
 
     # ckpt_path=last resumes from this run dir and continues the step count
-    proc = _train(tmp_path, "ckpt_path=last", "trainer.max_steps=4", "lowshot.enabled=false")
+    proc = _train(tmp_path, "ckpt_path=last", "trainer.max_steps=4", "trainer.max_epochs=2", "lowshot.enabled=false")
     assert proc.returncode == 0, proc.stderr[-3000:]
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
     assert state["global_step"] == 4
