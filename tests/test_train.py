@@ -51,7 +51,9 @@ def test_two_step_run_checkpoints_and_prints_lowshot_table(tmp_path):
         assert name in metrics
 
     # ckpt_path=last resumes from this run dir and continues the step count
-    proc = _train(tmp_path, "ckpt_path=last", "trainer.max_steps=4", "trainer.max_epochs=2", "lowshot.enabled=false")
+    proc = _train(
+        tmp_path, "ckpt_path=last", "trainer.max_steps=4", "trainer.max_epochs=2", "lowshot.enabled=false"
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
     assert state["global_step"] == 4
@@ -65,3 +67,25 @@ def test_invalid_config_stops_before_compute_with_one_message(tmp_path):
     assert "data.batch_size=1 with BatchNorm" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_multirun_sweep_writes_one_dir_per_job(tmp_path):
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "--multirun",
+        f"hydra.sweep.dir={tmp_path}",
+        "model.mask_ratio=0.1,0.3",
+        "lowshot.enabled=false",
+        *FAST,
+    ]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ratios = []
+    for job in ("0", "1"):
+        ckpt = torch.load(
+            tmp_path / job / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False
+        )
+        ratios.append(ckpt["hyper_parameters"]["mask_ratio"])
+    assert ratios == [0.1, 0.3]
