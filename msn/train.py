@@ -6,7 +6,6 @@ target encoder with the official low-shot protocol and prints the table.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -21,6 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from msn.config import ConfigError, validate_config
+from msn.evaluate import lowshot_report, lowshot_title, untrained_copy
 
 log = logging.getLogger("msn")
 
@@ -66,44 +66,26 @@ def build_callbacks(cfg: DictConfig) -> list[Any]:
 
 
 def run_lowshot(model: Any, datamodule: Any, cfg: DictConfig, output_dir: Path) -> str | None:
-    """Low-shot table (target encoder vs raw pixels); returns it, or None for unlabeled data."""
-    from msn.lowshot import extract_features, format_table, lowshot_eval, raw_pixel_features
-
+    """Low-shot table of the trained target encoder; None when the data has no labels."""
     try:
         train_ds, test_ds = datamodule.eval_datasets()
     except ValueError as err:  # unlabeled data: nothing to evaluate, not an error
         log.info("skipping low-shot evaluation: %s", err)
         return None
-    shots, seeds, lambd = list(cfg.lowshot.shots), list(cfg.lowshot.seeds), cfg.lowshot.lambd
-    kw = {"batch_size": cfg.lowshot.batch_size, "device": model.device}
-
-    def evaluate(net: Any, label: str) -> dict[int, tuple[float, float]]:
-        net.eval()
-        train_x, train_y = extract_features(net.features, train_ds, desc=f"{label} (train)", **kw)
-        test_x, test_y = extract_features(net.features, test_ds, desc=f"{label} (test)", **kw)
-        return lowshot_eval(train_x, train_y, test_x, test_y, shots, seeds, lambd)
-
-    results = {"MSN target encoder": evaluate(model, "features")}
-    if cfg.lowshot.random_init:
-        # The same architecture before any training: what pre-training bought.
-        with torch.random.fork_rng():
-            torch.manual_seed(cfg.seed)
-            fresh = instantiate(cfg.model, _convert_="all").to(model.device)
-        results["random init"] = evaluate(fresh, "random-init features")
-    if cfg.lowshot.raw_pixels:
-        rx, ry = raw_pixel_features(train_ds)
-        tx, ty = raw_pixel_features(test_ds)
-        results["raw pixels"] = lowshot_eval(rx, ry, tx, ty, shots, seeds, lambd)
-    title = (
-        f"Low-shot accuracy (%), {cfg.data.name}: logistic regression on k labelled images per class, "
-        f"mean ± std over {len(seeds)} splits, {len(test_ds)} test images"
+    lc = cfg.lowshot
+    return lowshot_report(
+        model,
+        train_ds,
+        test_ds,
+        shots=list(lc.shots),
+        seeds=list(lc.seeds),
+        lambd=lc.lambd,
+        batch_size=lc.batch_size,
+        title=lowshot_title(cfg.data.name, len(lc.seeds), len(test_ds)),
+        output_dir=output_dir,
+        baseline_model=untrained_copy(model, cfg.seed) if lc.random_init else None,
+        raw_pixels=lc.raw_pixels,
     )
-    table = format_table(results, title=title)
-    payload = {
-        name: {str(k): {"mean": m, "std": s} for k, (m, s) in res.items()} for name, res in results.items()
-    }
-    (output_dir / "lowshot.json").write_text(json.dumps(payload, indent=2))
-    return table
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:

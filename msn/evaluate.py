@@ -1,0 +1,70 @@
+"""Evaluation reports shared by ``train.py`` (end of pre-training) and ``finetune.py``."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from msn.lowshot import extract_features, format_table, lowshot_eval, raw_pixel_features
+
+Results = dict[int, tuple[float, float]]
+
+
+def untrained_copy(model: Any, seed: int) -> Any:
+    """The same architecture with a fresh random initialisation (the random-init baseline)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return type(model)(**model.hparams).to(model.device)
+
+
+def lowshot_report(
+    model: Any,
+    train_ds: Dataset,
+    test_ds: Dataset,
+    *,
+    shots: Sequence[int],
+    seeds: Sequence[int],
+    lambd: float,
+    batch_size: int,
+    title: str,
+    output_dir: Path,
+    baseline_model: Any | None = None,
+    raw_pixels: bool = True,
+) -> str:
+    """Low-shot table of ``model.features`` (plus optional random-init and raw-pixel rows).
+
+    Writes ``lowshot.json`` into ``output_dir`` and returns the printable table.
+    """
+    kw = {"batch_size": batch_size, "device": model.device}
+
+    def evaluate(net: Any, label: str) -> Results:
+        net.eval()
+        train_x, train_y = extract_features(net.features, train_ds, desc=f"{label} (train)", **kw)
+        test_x, test_y = extract_features(net.features, test_ds, desc=f"{label} (test)", **kw)
+        return lowshot_eval(train_x, train_y, test_x, test_y, shots, seeds, lambd)
+
+    results = {"MSN target encoder": evaluate(model, "features")}
+    if baseline_model is not None:
+        results["random init"] = evaluate(baseline_model, "random-init features")
+    if raw_pixels:
+        rx, ry = raw_pixel_features(train_ds)
+        tx, ty = raw_pixel_features(test_ds)
+        results["raw pixels"] = lowshot_eval(rx, ry, tx, ty, shots, seeds, lambd)
+    payload = {
+        name: {str(k): {"mean": m, "std": s} for k, (m, s) in res.items()} for name, res in results.items()
+    }
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "lowshot.json").write_text(json.dumps(payload, indent=2))
+    return format_table(results, title=title)
+
+
+def lowshot_title(dataset: str, num_seeds: int, num_test: int) -> str:
+    return (
+        f"Low-shot accuracy (%), {dataset}: logistic regression on k labelled images per class, "
+        f"mean ± std over {num_seeds} splits, {num_test} test images"
+    )

@@ -1,0 +1,89 @@
+"""finetune.py mode=lowshot: loading checkpoints, bad input, the report."""
+
+import json
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+from msn.config import ConfigError
+from msn.finetune import evaluate, load_checkpoint
+from msn.module import MSNModule
+from msn.train import CONFIG_DIR
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    torch.manual_seed(0)
+    model = MSNModule(
+        encoder={"arch": "vit_nano", "patch_size": 4, "img_size": 16, "in_chans": 1},
+        head={"hidden_dim": 32, "out_dim": 16},
+        num_prototypes=8,
+    )
+    with torch.no_grad():  # make target differ from anchor so loading the wrong one shows
+        model.target_encoder.cls_token.add_(1.0)
+    path = tmp_path_factory.mktemp("ckpt") / "last.ckpt"
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}, path)
+    return path, model
+
+
+def _cfg(tmp_path, *overrides):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(
+            "finetune",
+            overrides=[f"output_dir={tmp_path}", "lowshot.shots=[1,2]", "lowshot.seeds=[0,1]", *overrides],
+        )
+
+
+def test_load_checkpoint_restores_target_encoder(ckpt):
+    path, model = ckpt
+    loaded = load_checkpoint(path)
+    x = torch.randn(3, 1, 16, 16)
+    torch.testing.assert_close(loaded.features(x), model.eval().features(x))
+    assert not loaded.training
+
+
+def test_missing_and_wrong_kind_checkpoints(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such checkpoint file"):
+        load_checkpoint(tmp_path / "nope.ckpt")
+    (tmp_path / "junk.ckpt").write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable PyTorch checkpoint"):
+        load_checkpoint(tmp_path / "junk.ckpt")
+    torch.save({"model": {"fc.weight": torch.zeros(2, 2)}}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="not an msn-lightning pre-training checkpoint.*found \\['model'\\]"):
+        load_checkpoint(tmp_path / "other.pth")
+
+
+def test_lowshot_report_on_digits(ckpt, tmp_path):
+    out = evaluate(_cfg(tmp_path, f"ckpt={ckpt[0]}"))
+    for row in ("MSN target encoder", "random init", "raw pixels"):
+        assert row in out["lowshot_table"]
+    table = json.loads((tmp_path / "lowshot.json").read_text())
+    assert set(table["raw pixels"]) == {"1", "2"}
+    assert all(0 <= v["mean"] <= 100 for res in table.values() for v in res.values())
+
+
+def test_unlabeled_data_is_a_clear_error(ckpt, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(3):
+        Image.new("L", (16, 16), color=i * 40).save(folder / f"{i}.png")
+    cfg = _cfg(
+        tmp_path,
+        f"ckpt={ckpt[0]}",
+        "data=imagefolder",
+        f"data.root={folder}",
+        "data.in_chans=1",
+        "data.mean=[0.5]",
+        "data.std=[0.5]",
+    )
+    with pytest.raises(ValueError, match="label"):
+        evaluate(cfg)
+
+
+def test_channel_mismatch_and_unknown_mode(ckpt, tmp_path):
+    with pytest.raises(ConfigError, match="data.in_chans=3 but the checkpoint's encoder takes 1"):
+        evaluate(_cfg(tmp_path, f"ckpt={ckpt[0]}", "data=cifar10"))
+    with pytest.raises(ConfigError, match="mode='dance' is not available; allowed: lowshot"):
+        evaluate(_cfg(tmp_path, f"ckpt={ckpt[0]}", "mode=dance"))
