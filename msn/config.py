@@ -91,6 +91,11 @@ def validate_config(cfg: DictConfig) -> None:
         elif not Path(str(root)).expanduser().is_dir():
             problems.append(f"data.root={root!r} does not exist or is not a folder (data=imagefolder)")
 
+    for key in ("ckpt_path", "init_from"):
+        path = _get(cfg, key)
+        if path not in (None, "") and not (key == "ckpt_path" and path == "last"):
+            check(Path(str(path)).expanduser().is_file(), f"{key}={path!r}: no such checkpoint file")
+
     epochs = _get(cfg, "trainer.max_epochs")
     steps = _get(cfg, "trainer.max_steps", -1)
     check(

@@ -63,8 +63,23 @@ def lowshot_report(
     return format_table(results, title=title)
 
 
-def lowshot_title(dataset: str, num_seeds: int, num_test: int) -> str:
-    return (
-        f"Low-shot accuracy (%), {dataset}: logistic regression on k labelled images per class, "
-        f"mean ± std over {num_seeds} splits, {num_test} test images"
+def lowshot_from_config(
+    model: Any, train_ds: Dataset, test_ds: Dataset, cfg: Any, *, dataset: str, seed: int, output_dir: Path
+) -> str:
+    """:func:`lowshot_report` driven by an ``eval/lowshot`` config node."""
+    return lowshot_report(
+        model,
+        train_ds,
+        test_ds,
+        shots=list(cfg.shots),
+        seeds=list(cfg.seeds),
+        lambd=cfg.lambd,
+        batch_size=cfg.batch_size,
+        title=(
+            f"Low-shot accuracy (%), {dataset}: logistic regression on k labelled images per class, "
+            f"mean ± std over {len(cfg.seeds)} splits, {len(test_ds)} test images"
+        ),
+        output_dir=output_dir,
+        baseline_model=untrained_copy(model, seed) if cfg.random_init else None,
+        raw_pixels=cfg.raw_pixels,
     )

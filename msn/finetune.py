@@ -17,7 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from msn.config import ConfigError
-from msn.evaluate import lowshot_report, lowshot_title, untrained_copy
+from msn.evaluate import lowshot_from_config
 from msn.module import MSNModule
 from msn.train import CONFIG_DIR
 
@@ -76,20 +76,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     # Evaluate at the resolution the encoder was pre-trained at.
     datamodule = instantiate(cfg.data, eval_img_size=encoder["img_size"], _convert_="all")
     train_ds, test_ds = datamodule.eval_datasets()  # ValueError with a clear message if unlabeled
-    lc = cfg.lowshot
     output_dir = Path(cfg.output_dir)
-    table = lowshot_report(
-        model,
-        train_ds,
-        test_ds,
-        shots=list(lc.shots),
-        seeds=list(lc.seeds),
-        lambd=lc.lambd,
-        batch_size=lc.batch_size,
-        title=lowshot_title(cfg.data.name, len(lc.seeds), len(test_ds)),
-        output_dir=output_dir,
-        baseline_model=untrained_copy(model, cfg.seed) if lc.random_init else None,
-        raw_pixels=lc.raw_pixels,
+    table = lowshot_from_config(
+        model, train_ds, test_ds, cfg.lowshot, dataset=cfg.data.name, seed=cfg.seed, output_dir=output_dir
     )
     print("\n" + table, flush=True)
     return {"output_dir": str(output_dir), "lowshot_table": table}

@@ -20,7 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from msn.config import ConfigError, validate_config
-from msn.evaluate import lowshot_report, lowshot_title, untrained_copy
+from msn.evaluate import lowshot_from_config
 
 log = logging.getLogger("msn")
 
@@ -72,19 +72,8 @@ def run_lowshot(model: Any, datamodule: Any, cfg: DictConfig, output_dir: Path) 
     except ValueError as err:  # unlabeled data: nothing to evaluate, not an error
         log.info("skipping low-shot evaluation: %s", err)
         return None
-    lc = cfg.lowshot
-    return lowshot_report(
-        model,
-        train_ds,
-        test_ds,
-        shots=list(lc.shots),
-        seeds=list(lc.seeds),
-        lambd=lc.lambd,
-        batch_size=lc.batch_size,
-        title=lowshot_title(cfg.data.name, len(lc.seeds), len(test_ds)),
-        output_dir=output_dir,
-        baseline_model=untrained_copy(model, cfg.seed) if lc.random_init else None,
-        raw_pixels=lc.raw_pixels,
+    return lowshot_from_config(
+        model, train_ds, test_ds, cfg.lowshot, dataset=cfg.data.name, seed=cfg.seed, output_dir=output_dir
     )
 
 

@@ -82,12 +82,18 @@ def test_paper_recipes_match_reference(experiment, tmp_path):
         (["data.name=mnist3d"], "data.name='mnist3d' is unknown; allowed: digits"),
         (["model.mask_mode=blocks"], "model.mask_mode='blocks' is unknown; allowed: shared, per_sample"),
         (["lowshot.shots=[0]"], "lowshot.shots=[0] must be a non-empty list of integers >= 1"),
+        (["ckpt_path=/no/such.ckpt"], "ckpt_path='/no/such.ckpt': no such checkpoint file"),
+        (["init_from=/no/such.ckpt"], "init_from='/no/such.ckpt': no such checkpoint file"),
     ],
 )
 def test_invalid_config_messages(overrides, message):
     with pytest.raises(ConfigError) as err:
         validate_config(_compose(overrides))
     assert message in str(err.value)
+
+
+def test_ckpt_path_last_is_resolved_later_not_rejected():
+    validate_config(_compose(["ckpt_path=last"]))
 
 
 def test_batch_size_one_is_fine_without_batchnorm():
