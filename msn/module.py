@@ -7,6 +7,7 @@ All the math lives in pure modules (``msn.loss``, ``msn.masking``, ``msn.schedul
 from __future__ import annotations
 
 import copy
+import inspect
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -23,6 +24,8 @@ from msn.masking import MASK_MODES
 from msn.schedules import linear_at, lr_at, wd_at
 
 DEFAULT_ENCODER: dict[str, Any] = {"arch": "vit_small", "patch_size": 16, "img_size": 224, "in_chans": 3}
+# Every keyword of build_vit is a valid model.encoder key (defaults come from build_vit itself).
+_BUILD_VIT_ARGS = {k: inspect.Parameter.empty for k in inspect.signature(backbone.build_vit).parameters}
 DEFAULT_HEAD: dict[str, Any] = {"hidden_dim": 2048, "out_dim": 256, "use_bn": True}
 DEFAULT_OPTIM: dict[str, Any] = {
     "start_lr": 2e-4,
@@ -87,7 +90,8 @@ class MSNModule(L.LightningModule):
         features: str = "cls_prenorm",
     ) -> None:
         super().__init__()
-        encoder_cfg = {**DEFAULT_ENCODER, **dict(encoder or {})}
+        encoder_cfg = _merged(_BUILD_VIT_ARGS, {**DEFAULT_ENCODER, **dict(encoder or {})}, "encoder")
+        encoder_cfg = {k: v for k, v in encoder_cfg.items() if v is not inspect.Parameter.empty}
         head_cfg = _merged(DEFAULT_HEAD, head, "head")
         self.optim_cfg = _merged(DEFAULT_OPTIM, optim, "optim")
         if not 0.0 <= mask_ratio < 1.0:

@@ -127,6 +127,7 @@ def test_clipping_covers_encoder_and_head_not_prototypes():
         ({"num_prototypes": 0}, "num_prototypes"),
         ({"optim": {"lr": 1}}, "unknown keys in model.optim"),
         ({"prototypes_grad": "max"}, "prototypes_grad"),
+        ({"encoder": {"arch": "vit_nano", "patch": 4}}, "unknown keys in model.encoder: \\['patch'\\]"),
     ],
 )
 def test_bad_arguments(kwargs, match):
