@@ -7,9 +7,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from msn.knn import knn_accuracy
 from msn.lowshot import extract_features, format_table, lowshot_eval, raw_pixel_features
 
 Results = dict[int, tuple[float, float]]
@@ -20,6 +22,32 @@ def untrained_copy(model: Any, seed: int) -> Any:
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         return type(model)(**model.hparams).to(model.device)
+
+
+def frozen_features(
+    model: Any, train_ds: Dataset, test_ds: Dataset, batch_size: int, label: str = "features"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(train_x, train_y, test_x, test_y)``: ``model.features`` of both sets, in eval mode."""
+    model.eval()
+    kw = {"batch_size": batch_size, "device": model.device}
+    train_x, train_y = extract_features(model.features, train_ds, desc=f"{label} (train)", **kw)
+    test_x, test_y = extract_features(model.features, test_ds, desc=f"{label} (test)", **kw)
+    return train_x, train_y, test_x, test_y
+
+
+def knn_report(
+    model: Any, train_ds: Dataset, test_ds: Dataset, cfg: Any, *, dataset: str, output_dir: Path
+) -> str:
+    """Weighted kNN accuracy of ``model.features`` (``eval/knn`` config); writes ``knn.json``."""
+    train_x, train_y, test_x, test_y = frozen_features(model, train_ds, test_ds, cfg.batch_size)
+    acc = knn_accuracy(train_x, train_y, test_x, test_y, cfg.k, cfg.temperature)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    payload = {"accuracy": acc, "k": cfg.k, "temperature": cfg.temperature, "train": len(train_y)}
+    (output_dir / "knn.json").write_text(json.dumps(payload, indent=2))
+    return (
+        f"kNN accuracy, {dataset}: {acc:.1f} % (k={cfg.k}, temperature {cfg.temperature}, "
+        f"{len(train_y)} labelled train images, {len(test_y)} test images)"
+    )
 
 
 def lowshot_report(
@@ -40,13 +68,9 @@ def lowshot_report(
 
     Writes ``lowshot.json`` into ``output_dir`` and returns the printable table.
     """
-    kw = {"batch_size": batch_size, "device": model.device}
 
     def evaluate(net: Any, label: str) -> Results:
-        net.eval()
-        train_x, train_y = extract_features(net.features, train_ds, desc=f"{label} (train)", **kw)
-        test_x, test_y = extract_features(net.features, test_ds, desc=f"{label} (test)", **kw)
-        return lowshot_eval(train_x, train_y, test_x, test_y, shots, seeds, lambd)
+        return lowshot_eval(*frozen_features(net, train_ds, test_ds, batch_size, label), shots, seeds, lambd)
 
     results = {"MSN target encoder": evaluate(model, "features")}
     if baseline_model is not None:

@@ -1,7 +1,8 @@
 """Evaluate a pre-trained MSN checkpoint (``python finetune.py`` / ``msn-finetune``).
 
 ``mode=lowshot``: the official low-shot protocol on frozen target-encoder features, with the
-random-init and raw-pixel baselines in the same table.
+random-init and raw-pixel baselines in the same table. ``mode=knn``: weighted kNN (DINO) on all
+labelled training images.
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from msn.config import ConfigError
-from msn.evaluate import lowshot_from_config
+from msn.evaluate import knn_report, lowshot_from_config
 from msn.module import MSNModule
 from msn.train import CONFIG_DIR
 
 log = logging.getLogger("msn")
-MODES = ("lowshot",)
+MODES = ("lowshot", "knn")
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> MSNModule:
@@ -77,11 +78,14 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     datamodule = instantiate(cfg.data, eval_img_size=encoder["img_size"], _convert_="all")
     train_ds, test_ds = datamodule.eval_datasets()  # ValueError with a clear message if unlabeled
     output_dir = Path(cfg.output_dir)
-    table = lowshot_from_config(
-        model, train_ds, test_ds, cfg.lowshot, dataset=cfg.data.name, seed=cfg.seed, output_dir=output_dir
-    )
+    if cfg.mode == "knn":
+        table = knn_report(model, train_ds, test_ds, cfg.knn, dataset=cfg.data.name, output_dir=output_dir)
+    else:
+        table = lowshot_from_config(
+            model, train_ds, test_ds, cfg.lowshot, dataset=cfg.data.name, seed=cfg.seed, output_dir=output_dir
+        )
     print("\n" + table, flush=True)
-    return {"output_dir": str(output_dir), "lowshot_table": table}
+    return {"output_dir": str(output_dir), "report": table}
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="finetune")

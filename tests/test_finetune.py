@@ -58,7 +58,7 @@ def test_missing_and_wrong_kind_checkpoints(tmp_path):
 def test_lowshot_report_on_digits(ckpt, tmp_path):
     out = evaluate(_cfg(tmp_path, f"ckpt={ckpt[0]}"))
     for row in ("MSN target encoder", "random init", "raw pixels"):
-        assert row in out["lowshot_table"]
+        assert row in out["report"]
     table = json.loads((tmp_path / "lowshot.json").read_text())
     assert set(table["raw pixels"]) == {"1", "2"}
     assert all(0 <= v["mean"] <= 100 for res in table.values() for v in res.values())
@@ -85,5 +85,13 @@ def test_unlabeled_data_is_a_clear_error(ckpt, tmp_path):
 def test_channel_mismatch_and_unknown_mode(ckpt, tmp_path):
     with pytest.raises(ConfigError, match="data.in_chans=3 but the checkpoint's encoder takes 1"):
         evaluate(_cfg(tmp_path, f"ckpt={ckpt[0]}", "data=cifar10"))
-    with pytest.raises(ConfigError, match="mode='dance' is not available; allowed: lowshot"):
+    with pytest.raises(ConfigError, match="mode='dance' is not available; allowed: lowshot, knn"):
         evaluate(_cfg(tmp_path, f"ckpt={ckpt[0]}", "mode=dance"))
+
+
+def test_knn_mode_on_digits(ckpt, tmp_path):
+    out = evaluate(_cfg(tmp_path, f"ckpt={ckpt[0]}", "mode=knn", "knn.k=5"))
+    result = json.loads((tmp_path / "knn.json").read_text())
+    assert result["k"] == 5 and result["train"] == 1347
+    assert 0 <= result["accuracy"] <= 100
+    assert f"{result['accuracy']:.1f} %" in out["report"]
