@@ -173,6 +173,18 @@ class MSNModule(L.LightningModule):
         """Frozen evaluation features of the target encoder, (B, D)."""
         return backbone.extract(self.target_encoder, images, self.feature_kind)
 
+    @torch.no_grad()
+    def prototype_probs(self, images: Tensor) -> Tensor:
+        """Soft assignment (B, K) of ``images`` to the prototypes by the target network.
+
+        ``softmax(cos(z, prototypes) / tau)`` without sharpening: what the targets are built from.
+        Uses the modules' current mode (call ``.eval()`` for running BatchNorm statistics).
+        """
+        _, h = backbone.encode(self.target_encoder, images)
+        z = torch.nn.functional.normalize(self.target_head(h), dim=1)
+        protos = torch.nn.functional.normalize(self.prototypes, dim=1)
+        return torch.softmax(z @ protos.T / self.criterion.temperature, dim=1)
+
     # ------------------------------------------------------------------ training
     def training_step(self, batch: tuple[list[Tensor], Tensor], batch_idx: int) -> Tensor:
         views, _ = batch

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from msn import backbone
 from msn.module import MSNModule
 from msn.schedules import linear_at
 
@@ -138,3 +139,18 @@ def test_bad_arguments(kwargs, match):
     }
     with pytest.raises(ValueError, match=match):
         MSNModule(**{**base, **kwargs})
+
+
+def test_prototype_probs_are_target_assignments():
+    model = _module().eval()
+    x = torch.randn(5, 1, 16, 16)
+    probs = model.prototype_probs(x)
+    assert probs.shape == (5, 10)
+    torch.testing.assert_close(probs.sum(dim=1), torch.ones(5))
+    # independent computation from the pieces
+    _, h = backbone.encode(model.target_encoder, x)
+    z = model.target_head(h)
+    cos = torch.stack(
+        [torch.nn.functional.cosine_similarity(z, p.expand_as(z), dim=1) for p in model.prototypes], 1
+    )
+    torch.testing.assert_close(probs, torch.softmax(cos / 0.1, dim=1), rtol=1e-5, atol=1e-6)
