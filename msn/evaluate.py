@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from msn.feature_cache import FeatureCache
 from msn.knn import knn_accuracy
 from msn.lowshot import extract_features, format_table, lowshot_eval, raw_pixel_features
 
@@ -25,21 +26,41 @@ def untrained_copy(model: Any, seed: int) -> Any:
 
 
 def frozen_features(
-    model: Any, train_ds: Dataset, test_ds: Dataset, batch_size: int, label: str = "features"
+    model: Any,
+    train_ds: Dataset,
+    test_ds: Dataset,
+    batch_size: int,
+    label: str = "features",
+    cache: FeatureCache | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """``(train_x, train_y, test_x, test_y)``: ``model.features`` of both sets, in eval mode."""
+    """``(train_x, train_y, test_x, test_y)``: ``model.features`` of both sets, in eval mode.
+
+    With a ``cache``, features are read from it when present and written after extraction.
+    """
+    names = ("train_x", "train_y", "test_x", "test_y")
+    if cache is not None and (hit := cache.load(label)) is not None and set(hit) == set(names):
+        return tuple(hit[n] for n in names)  # type: ignore[return-value]
     model.eval()
     kw = {"batch_size": batch_size, "device": model.device}
     train_x, train_y = extract_features(model.features, train_ds, desc=f"{label} (train)", **kw)
     test_x, test_y = extract_features(model.features, test_ds, desc=f"{label} (test)", **kw)
+    if cache is not None:
+        cache.save(label, train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y)
     return train_x, train_y, test_x, test_y
 
 
 def knn_report(
-    model: Any, train_ds: Dataset, test_ds: Dataset, cfg: Any, *, dataset: str, output_dir: Path
+    model: Any,
+    train_ds: Dataset,
+    test_ds: Dataset,
+    cfg: Any,
+    *,
+    dataset: str,
+    output_dir: Path,
+    cache: FeatureCache | None = None,
 ) -> str:
     """Weighted kNN accuracy of ``model.features`` (``eval/knn`` config); writes ``knn.json``."""
-    train_x, train_y, test_x, test_y = frozen_features(model, train_ds, test_ds, cfg.batch_size)
+    train_x, train_y, test_x, test_y = frozen_features(model, train_ds, test_ds, cfg.batch_size, cache=cache)
     acc = knn_accuracy(train_x, train_y, test_x, test_y, cfg.k, cfg.temperature)
     output_dir.mkdir(parents=True, exist_ok=True)
     payload = {"accuracy": acc, "k": cfg.k, "temperature": cfg.temperature, "train": len(train_y)}
@@ -63,6 +84,7 @@ def lowshot_report(
     output_dir: Path,
     baseline_model: Any | None = None,
     raw_pixels: bool = True,
+    cache: FeatureCache | None = None,
 ) -> str:
     """Low-shot table of ``model.features`` (plus optional random-init and raw-pixel rows).
 
@@ -70,7 +92,8 @@ def lowshot_report(
     """
 
     def evaluate(net: Any, label: str) -> Results:
-        return lowshot_eval(*frozen_features(net, train_ds, test_ds, batch_size, label), shots, seeds, lambd)
+        feats = frozen_features(net, train_ds, test_ds, batch_size, label, cache=cache)
+        return lowshot_eval(*feats, shots, seeds, lambd)
 
     results = {"MSN target encoder": evaluate(model, "features")}
     if baseline_model is not None:
@@ -88,7 +111,15 @@ def lowshot_report(
 
 
 def lowshot_from_config(
-    model: Any, train_ds: Dataset, test_ds: Dataset, cfg: Any, *, dataset: str, seed: int, output_dir: Path
+    model: Any,
+    train_ds: Dataset,
+    test_ds: Dataset,
+    cfg: Any,
+    *,
+    dataset: str,
+    seed: int,
+    output_dir: Path,
+    cache: FeatureCache | None = None,
 ) -> str:
     """:func:`lowshot_report` driven by an ``eval/lowshot`` config node."""
     return lowshot_report(
@@ -106,4 +137,5 @@ def lowshot_from_config(
         output_dir=output_dir,
         baseline_model=untrained_copy(model, seed) if cfg.random_init else None,
         raw_pixels=cfg.raw_pixels,
+        cache=cache,
     )

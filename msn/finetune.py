@@ -15,10 +15,11 @@ from typing import Any
 import hydra
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from msn.config import ConfigError
 from msn.evaluate import knn_report, lowshot_from_config
+from msn.feature_cache import FeatureCache, file_fingerprint
 from msn.module import MSNModule
 from msn.train import CONFIG_DIR
 
@@ -78,11 +79,35 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     datamodule = instantiate(cfg.data, eval_img_size=encoder["img_size"], _convert_="all")
     train_ds, test_ds = datamodule.eval_datasets()  # ValueError with a clear message if unlabeled
     output_dir = Path(cfg.output_dir)
+    cache = None
+    if cfg.cache_dir:
+        # Everything that determines the features; loader settings (workers, batch) do not.
+        data = OmegaConf.to_container(cfg.data, resolve=True)
+        for key in ("batch_size", "num_workers", "pin_memory", "persistent_workers", "transform"):
+            data.pop(key, None)
+        fingerprint = {
+            "ckpt": file_fingerprint(cfg.ckpt),
+            "data": data,
+            "eval_img_size": encoder["img_size"],
+            "features": model.feature_kind,
+            "seed": cfg.seed,
+            "sizes": [len(train_ds), len(test_ds)],
+        }
+        cache = FeatureCache(cfg.cache_dir, fingerprint)
     if cfg.mode == "knn":
-        table = knn_report(model, train_ds, test_ds, cfg.knn, dataset=cfg.data.name, output_dir=output_dir)
+        table = knn_report(
+            model, train_ds, test_ds, cfg.knn, dataset=cfg.data.name, output_dir=output_dir, cache=cache
+        )
     else:
         table = lowshot_from_config(
-            model, train_ds, test_ds, cfg.lowshot, dataset=cfg.data.name, seed=cfg.seed, output_dir=output_dir
+            model,
+            train_ds,
+            test_ds,
+            cfg.lowshot,
+            dataset=cfg.data.name,
+            seed=cfg.seed,
+            output_dir=output_dir,
+            cache=cache,
         )
     print("\n" + table, flush=True)
     return {"output_dir": str(output_dir), "report": table}

@@ -1,6 +1,7 @@
 """finetune.py mode=lowshot: loading checkpoints, bad input, the report."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,7 +33,13 @@ def _cfg(tmp_path, *overrides):
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return compose(
             "finetune",
-            overrides=[f"output_dir={tmp_path}", "lowshot.shots=[1,2]", "lowshot.seeds=[0,1]", *overrides],
+            overrides=[
+                f"output_dir={tmp_path}",
+                "cache_dir=null",
+                "lowshot.shots=[1,2]",
+                "lowshot.seeds=[0,1]",
+                *overrides,
+            ],
         )
 
 
@@ -95,3 +102,42 @@ def test_knn_mode_on_digits(ckpt, tmp_path):
     assert result["k"] == 5 and result["train"] == 1347
     assert 0 <= result["accuracy"] <= 100
     assert f"{result['accuracy']:.1f} %" in out["report"]
+
+
+def test_feature_cache_hit_and_invalidation(ckpt, tmp_path, monkeypatch):
+    from msn import evaluate as ev
+
+    calls = []
+    real = ev.extract_features
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("desc"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ev, "extract_features", counting)
+    cache_dir = tmp_path / "cache"
+    base = [f"ckpt={ckpt[0]}", "mode=knn", f"cache_dir={cache_dir}"]
+    first = evaluate(_cfg(tmp_path / "a", *base))
+    assert len(calls) == 2 and len(list(cache_dir.glob("*.npz"))) == 1
+    second = evaluate(_cfg(tmp_path / "b", *base))
+    assert len(calls) == 2  # served from the cache
+    assert first["report"] == second["report"]
+    # a different eval transform (crop) is a different entry
+    evaluate(_cfg(tmp_path / "c", *base, "data.eval_crop_pct=0.5"))
+    assert len(calls) == 4
+    # rewriting a checkpoint in place invalidates its entries
+    copy = tmp_path / "copy.ckpt"
+    copy.write_bytes(Path(ckpt[0]).read_bytes())
+    evaluate(_cfg(tmp_path / "d", f"ckpt={copy}", "mode=knn", f"cache_dir={cache_dir}"))
+    assert len(calls) == 6  # another file: another entry
+    state = torch.load(copy, map_location="cpu", weights_only=False)
+    state["state_dict"]["target_encoder.cls_token"] += 1.0
+    state["note"] = "rewritten"
+    torch.save(state, copy)
+    evaluate(_cfg(tmp_path / "d2", f"ckpt={copy}", "mode=knn", f"cache_dir={cache_dir}"))
+    assert len(calls) == 8
+    # a truncated entry is a miss, not a crash
+    for f in cache_dir.glob("*.npz"):
+        f.write_bytes(b"garbage")
+    evaluate(_cfg(tmp_path / "e", *base))
+    assert len(calls) == 10
