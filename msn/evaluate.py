@@ -88,7 +88,7 @@ def lowshot_report(
 ) -> str:
     """Low-shot table of ``model.features`` (plus optional random-init and raw-pixel rows).
 
-    Writes ``lowshot.json`` into ``output_dir`` and returns the printable table.
+    Writes ``lowshot.json`` and ``lowshot.png`` into ``output_dir``; returns the printable table.
     """
 
     def evaluate(net: Any, label: str) -> Results:
@@ -107,6 +107,7 @@ def lowshot_report(
     }
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "lowshot.json").write_text(json.dumps(payload, indent=2))
+    plot_lowshot(results, output_dir / "lowshot.png", title=title.split(":")[0])
     return format_table(results, title=title)
 
 
@@ -139,3 +140,32 @@ def lowshot_from_config(
         raw_pixels=cfg.raw_pixels,
         cache=cache,
     )
+
+
+def plot_lowshot(results: dict[str, Results], path: Path, title: str = "") -> Path:
+    """PNG of accuracy vs labelled images per class, one line (mean ± std band) per feature set."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: works on machines without a display
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4), dpi=120)
+    for name, res in results.items():
+        ks = sorted(res)
+        mean = np.array([res[k][0] for k in ks])
+        std = np.array([res[k][1] for k in ks])
+        ax.plot(ks, mean, marker="o", label=name)
+        ax.fill_between(ks, mean - std, mean + std, alpha=0.2)
+    ax.set_xscale("log")
+    ax.set_xticks(sorted({k for res in results.values() for k in res}))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlabel("labelled images per class")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

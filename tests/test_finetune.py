@@ -69,6 +69,8 @@ def test_lowshot_report_on_digits(ckpt, tmp_path):
     table = json.loads((tmp_path / "lowshot.json").read_text())
     assert set(table["raw pixels"]) == {"1", "2"}
     assert all(0 <= v["mean"] <= 100 for res in table.values() for v in res.values())
+    png = (tmp_path / "lowshot.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 5000
 
 
 def test_unlabeled_data_is_a_clear_error(ckpt, tmp_path):
