@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -130,9 +131,16 @@ class MSNModule(L.LightningModule):
         return max(1, int(self.trainer.estimated_stepping_batches))
 
     @property
+    def steps_per_epoch(self) -> float:
+        """Optimizer steps in one epoch (from the loader length, so max_steps runs agree too)."""
+        batches = self.trainer.num_training_batches
+        if math.isinf(batches) or batches <= 0:  # iterable data without a length
+            return self.total_steps / max(1, self.trainer.max_epochs or 1)
+        return math.ceil(batches / self.trainer.accumulate_grad_batches)
+
+    @property
     def warmup_steps(self) -> int:
-        epochs = max(1, self.trainer.max_epochs or 1)
-        return int(self.optim_cfg["warmup_epochs"] * self.total_steps / epochs)
+        return int(self.optim_cfg["warmup_epochs"] * self.steps_per_epoch)
 
     def schedule_values(self, step: int) -> dict[str, float]:
         """lr, wd, EMA momentum and sharpening temperature used by (0-based) iteration ``step``."""

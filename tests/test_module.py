@@ -104,7 +104,9 @@ def test_schedules_are_set_every_step():
     model = _module()
     model.__class__ = RecordingModule
     _fit(model, steps=3)
-    expected = [model.schedule_values(s)["lr"] for s in range(3)]
+    # 4 batches per epoch, warmup_epochs=1: the first 3 steps warm up linearly from start_lr
+    assert model.steps_per_epoch == 4 and model.warmup_steps == 4
+    expected = [2e-4 + (s + 1) / 4 * (1e-2 - 2e-4) for s in range(3)]
     assert model.lrs == pytest.approx(expected)
     assert len(set(model.lrs)) == 3
 
