@@ -71,6 +71,42 @@ def knn_report(
     )
 
 
+def linear_report(
+    model: Any,
+    train_ds: Dataset,
+    test_ds: Dataset,
+    cfg: Any,
+    *,
+    dataset: str,
+    seed: int,
+    device: torch.device,
+    output_dir: Path,
+    cache: FeatureCache | None = None,
+) -> str:
+    """Linear probe on frozen features (``eval/linear`` config); writes ``linear.json``."""
+    from msn.linear_probe import run_linear_probe
+
+    feats = frozen_features(model, train_ds, test_ds, cfg.batch_size, cache=cache)
+    res = run_linear_probe(
+        *feats,
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        base_lr=cfg.base_lr,
+        base_batch=cfg.base_batch,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        seed=seed,
+        accelerator=device.type,
+        output_dir=output_dir,
+    )
+    return (
+        f"Linear-probe accuracy, {dataset}: {res['accuracy']:.1f} % (train {res['train_accuracy']:.1f} %, "
+        f"{cfg.epochs} epochs, lr {res['lr']:g} at batch {cfg.batch_size}, "
+        f"{res['train']} train / {res['test']} test images)"
+    )
+
+
 def lowshot_report(
     model: Any,
     train_ds: Dataset,

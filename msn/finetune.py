@@ -2,7 +2,8 @@
 
 ``mode=lowshot``: the official low-shot protocol on frozen target-encoder features, with the
 random-init and raw-pixel baselines in the same table. ``mode=knn``: weighted kNN (DINO) on all
-labelled training images.
+labelled training images. ``mode=linear``: the official linear probe (LayerNorm, L2 norm, Linear;
+SGD nesterov, cosine) on all labels.
 """
 
 from __future__ import annotations
@@ -18,13 +19,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from msn.config import ConfigError
-from msn.evaluate import knn_report, lowshot_from_config
+from msn.evaluate import knn_report, linear_report, lowshot_from_config
 from msn.feature_cache import FeatureCache, file_fingerprint
 from msn.module import MSNModule
 from msn.train import CONFIG_DIR
 
 log = logging.getLogger("msn")
-MODES = ("lowshot", "knn")
+MODES = ("lowshot", "knn", "linear")
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> MSNModule:
@@ -94,7 +95,19 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             "sizes": [len(train_ds), len(test_ds)],
         }
         cache = FeatureCache(cfg.cache_dir, fingerprint)
-    if cfg.mode == "knn":
+    if cfg.mode == "linear":
+        table = linear_report(
+            model,
+            train_ds,
+            test_ds,
+            cfg.linear,
+            dataset=cfg.data.name,
+            seed=cfg.seed,
+            device=device,
+            output_dir=output_dir,
+            cache=cache,
+        )
+    elif cfg.mode == "knn":
         table = knn_report(
             model, train_ds, test_ds, cfg.knn, dataset=cfg.data.name, output_dir=output_dir, cache=cache
         )

@@ -94,7 +94,7 @@ def test_unlabeled_data_is_a_clear_error(ckpt, tmp_path):
 def test_channel_mismatch_and_unknown_mode(ckpt, tmp_path):
     with pytest.raises(ConfigError, match="data.in_chans=3 but the checkpoint's encoder takes 1"):
         evaluate(_cfg(tmp_path, f"ckpt={ckpt[0]}", "data=cifar10"))
-    with pytest.raises(ConfigError, match="mode='dance' is not available; allowed: lowshot, knn"):
+    with pytest.raises(ConfigError, match="mode='dance' is not available; allowed: lowshot, knn, linear"):
         evaluate(_cfg(tmp_path, f"ckpt={ckpt[0]}", "mode=dance"))
 
 
@@ -143,3 +143,11 @@ def test_feature_cache_hit_and_invalidation(ckpt, tmp_path, monkeypatch):
         f.write_bytes(b"garbage")
     evaluate(_cfg(tmp_path / "e", *base))
     assert len(calls) == 10
+
+
+def test_linear_mode_on_digits(ckpt, tmp_path):
+    out = evaluate(_cfg(tmp_path, f"ckpt={ckpt[0]}", "mode=linear", "linear.epochs=2", "linear.lr=0.5"))
+    result = json.loads((tmp_path / "linear.json").read_text())
+    assert result["train"] == 1347 and result["test"] == 450 and result["epochs"] == 2
+    assert 0 <= result["accuracy"] <= 100
+    assert f"{result['accuracy']:.1f} %" in out["report"]
