@@ -26,6 +26,7 @@ from msn.train import CONFIG_DIR
 
 log = logging.getLogger("msn")
 MODES = ("lowshot", "knn", "linear")
+FEATURE_KINDS = ("cls_prenorm", "cls", "avgpool")
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> MSNModule:
@@ -67,7 +68,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if cfg.mode not in MODES:
         raise ConfigError([f"mode={cfg.mode!r} is not available; allowed: {', '.join(MODES)}"])
     device = resolve_device(cfg.device)
+    if cfg.features is not None and cfg.features not in FEATURE_KINDS:
+        raise ConfigError([f"features={cfg.features!r} is unknown; allowed: {', '.join(FEATURE_KINDS)}"])
     model = load_checkpoint(cfg.ckpt, device)
+    if cfg.features is not None:
+        model.feature_kind = cfg.features
     encoder = model.hparams.encoder
     if cfg.data.in_chans != encoder["in_chans"]:
         raise ConfigError(

@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -94,6 +95,8 @@ def test_unlabeled_data_is_a_clear_error(ckpt, tmp_path):
 def test_channel_mismatch_and_unknown_mode(ckpt, tmp_path):
     with pytest.raises(ConfigError, match="data.in_chans=3 but the checkpoint's encoder takes 1"):
         evaluate(_cfg(tmp_path, f"ckpt={ckpt[0]}", "data=cifar10"))
+    with pytest.raises(ConfigError, match="features='last7' is unknown; allowed: cls_prenorm, cls, avgpool"):
+        evaluate(_cfg(tmp_path, f"ckpt={ckpt[0]}", "features=last7"))
     with pytest.raises(ConfigError, match="mode='dance' is not available; allowed: lowshot, knn, linear"):
         evaluate(_cfg(tmp_path, f"ckpt={ckpt[0]}", "mode=dance"))
 
@@ -151,3 +154,14 @@ def test_linear_mode_on_digits(ckpt, tmp_path):
     assert result["train"] == 1347 and result["test"] == 450 and result["epochs"] == 2
     assert 0 <= result["accuracy"] <= 100
     assert f"{result['accuracy']:.1f} %" in out["report"]
+
+
+def test_feature_kind_override_changes_features(ckpt, tmp_path):
+    cache = tmp_path / "cache"
+    for name, kind in (("a", "null"), ("b", "avgpool")):
+        evaluate(
+            _cfg(tmp_path / name, f"ckpt={ckpt[0]}", "mode=knn", f"features={kind}", f"cache_dir={cache}")
+        )
+    entries = [np.load(p)["test_x"] for p in sorted(cache.glob("*.npz"))]
+    assert len(entries) == 2  # two feature kinds, two cache entries
+    assert entries[0].shape == entries[1].shape and not np.allclose(entries[0], entries[1])
