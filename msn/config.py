@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from msn.backbone import PATCH_SIZES, VIT_SIZES
 from msn.masking import MASK_MODES
@@ -109,7 +109,11 @@ def validate_config(cfg: DictConfig) -> None:
             f"lowshot.shots={list(shots)} must be a non-empty list of integers >= 1",
         )
         lambd = _get(cfg, "lowshot.lambd")
-        check(isinstance(lambd, (int, float)) and lambd > 0, f"lowshot.lambd={lambd} must be > 0")
+        lambdas = list(lambd) if isinstance(lambd, ListConfig) else [lambd]
+        check(
+            len(lambdas) > 0 and all(isinstance(v, (int, float)) and v > 0 for v in lambdas),
+            f"lowshot.lambd={lambd} must be a number > 0 or a non-empty list of them",
+        )
 
     if problems:
         raise ConfigError(problems)

@@ -3,19 +3,35 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from msn.feature_cache import FeatureCache
 from msn.knn import knn_accuracy
-from msn.lowshot import extract_features, format_table, lowshot_eval, raw_pixel_features
+from msn.lowshot import (
+    _check_percent,
+    extract_features,
+    format_table,
+    lowshot_eval_splits,
+    lowshot_splits,
+    match_subset,
+    raw_pixel_features,
+    read_subset_file,
+)
 
-Results = dict[int, tuple[float, float]]
+#: ``{column: (mean, std)}``: columns are ``"k=1"``, ``"1%"``, a subset file stem, ... (ints
+#: ``k`` are accepted too, as before).
+Results = dict[Any, tuple[float, float]]
+
+_SUBSET_KEY = "lowshot.subset_files"
+_SHOT_COLUMN = re.compile(r"k=(\d+)")
 
 
 def untrained_copy(model: Any, seed: int) -> Any:
@@ -107,6 +123,62 @@ def linear_report(
     )
 
 
+def dataset_file_paths(dataset: Dataset) -> list[str] | None:
+    """File paths of the samples of a folder dataset (``.samples`` of ``(path, label)``), in order.
+
+    ``torch.utils.data.Subset`` wrappers are followed. ``None`` when the dataset has no file
+    names (e.g. the built-in tensor datasets).
+    """
+    if isinstance(dataset, Subset):
+        inner = dataset_file_paths(dataset.dataset)
+        return None if inner is None else [inner[int(i)] for i in dataset.indices]
+    samples = getattr(dataset, "samples", None)
+    if samples is None:
+        return None
+    try:
+        return [os.fspath(sample[0]) for sample in samples]
+    except (TypeError, IndexError, KeyError):
+        return None
+
+
+def subset_file_indices(dataset: Dataset, subset_files: Sequence[str | Path]) -> dict[str, np.ndarray]:
+    """``{file stem: train indices}`` of official subset files, matched by image file name.
+
+    Raises:
+        ValueError: a file is missing or empty, the dataset has no file names, a listed name is
+            not in the dataset, or two files share a stem.
+    """
+    if not subset_files:
+        return {}
+    lists = {Path(f): read_subset_file(f, _SUBSET_KEY) for f in subset_files}  # missing files first
+    paths = dataset_file_paths(dataset)
+    if paths is None:
+        raise ValueError(f"{_SUBSET_KEY} needs a dataset with file names (data=imagefolder)")
+    out: dict[str, np.ndarray] = {}
+    for path, names in lists.items():
+        if path.stem in out:
+            raise ValueError(f"{_SUBSET_KEY}: two subset files share the name {path.stem!r}")
+        out[path.stem] = match_subset(names, paths, source=f"{_SUBSET_KEY} {str(path)!r}")
+    return out
+
+
+def _lambdas(lambd: float | Sequence[float]) -> list[float]:
+    """``lowshot.lambd`` as a non-empty list of floats (a single number or a list)."""
+    values = [lambd] if isinstance(lambd, (int, float)) else list(lambd)
+    if not values:
+        raise ValueError("lowshot.lambd must be a number or a non-empty list of numbers")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) or v <= 0:
+            raise ValueError(f"lowshot.lambd values must be finite numbers > 0, got {v!r}")
+    return [float(v) for v in values]
+
+
+def _json_key(column: str) -> str:
+    """Key of a column in ``lowshot.json``: ``"k=5" -> "5"`` (as before), others unchanged."""
+    m = _SHOT_COLUMN.fullmatch(column)
+    return m.group(1) if m else column
+
+
 def lowshot_report(
     model: Any,
     train_ds: Dataset,
@@ -114,32 +186,80 @@ def lowshot_report(
     *,
     shots: Sequence[int],
     seeds: Sequence[int],
-    lambd: float,
+    lambd: float | Sequence[float],
     batch_size: int,
     title: str,
     output_dir: Path,
     baseline_model: Any | None = None,
     raw_pixels: bool = True,
     cache: FeatureCache | None = None,
+    percents: Sequence[float] = (),
+    subset_files: Sequence[str | Path] = (),
 ) -> str:
     """Low-shot table of ``model.features`` (plus optional random-init and raw-pixel rows).
 
-    Writes ``lowshot.json`` and ``lowshot.png`` into ``output_dir``; returns the printable table.
+    Columns: ``k=1``, ``k=2``, ... (``shots``, increasing), then ``1%``, ``10%``, ...
+    (``percents``: that share of every class from the same seeded permutations, so the subsets
+    are nested with the k-shot ones), then one column per official subset file (named by its
+    stem; a single split, std 0). With several ``lambd`` values the MSN row becomes one row per
+    value (``MSN target encoder (λ=0.0025)``); the baselines use the first value.
+
+    Writes ``lowshot.json`` (``{row: {column: {"mean", "std", "lambd"}}}``, k-shot columns keyed
+    ``"1"``, ``"2"``, ...) and ``lowshot.png`` (k-shot columns only) into ``output_dir``; returns
+    the printable table.
     """
+    # Everything that can be checked without features fails here, before any slow extraction.
+    lambdas = _lambdas(lambd)
+    if len(seeds) == 0:
+        raise ValueError("lowshot.seeds must be non-empty")
+    for p in percents:
+        _check_percent(p)
+    files = subset_file_indices(train_ds, subset_files)
+    shots = sorted(int(k) for k in shots)
+    if not shots and not percents and not files:
+        raise ValueError("nothing to evaluate: lowshot.shots, percents and subset_files are all empty")
 
-    def evaluate(net: Any, label: str) -> Results:
-        feats = frozen_features(net, train_ds, test_ds, batch_size, label, cache=cache)
-        return lowshot_eval(*feats, shots, seeds, lambd)
+    splits_cache: dict[str, Any] = {}
 
-    results = {"MSN target encoder": evaluate(model, "features")}
+    def splits_for(train_y: np.ndarray) -> dict[str, list[np.ndarray]]:
+        if "labels" in splits_cache:
+            if not np.array_equal(splits_cache["labels"], train_y):
+                raise ValueError("train labels differ between feature sets")
+            return splits_cache["splits"]
+        splits = lowshot_splits(train_y, shots, percents, seeds)
+        for stem, idx in files.items():
+            if stem in splits or any(_json_key(c) == stem for c in splits):
+                raise ValueError(f"{_SUBSET_KEY}: file name {stem!r} clashes with another column")
+            splits[stem] = [idx]
+        splits_cache.update(labels=train_y, splits=splits)
+        return splits
+
+    def run(feats: tuple[np.ndarray, ...], lams: list[float]) -> dict[float, Results]:
+        train_x, train_y, test_x, test_y = feats
+        return lowshot_eval_splits(train_x, train_y, test_x, test_y, splits_for(train_y), lams)
+
+    results: dict[str, Results] = {}
+    lambd_of: dict[str, float] = {}
+
+    def add(name: str, res: Results, lam: float) -> None:
+        results[name] = res
+        lambd_of[name] = lam
+
+    msn = run(frozen_features(model, train_ds, test_ds, batch_size, "features", cache=cache), lambdas)
+    for lam, res in msn.items():
+        add("MSN target encoder" if len(lambdas) == 1 else f"MSN target encoder (λ={lam:g})", res, lam)
+    base = lambdas[:1]
     if baseline_model is not None:
-        results["random init"] = evaluate(baseline_model, "random-init features")
+        label = "random-init features"
+        feats = frozen_features(baseline_model, train_ds, test_ds, batch_size, label, cache=cache)
+        add("random init", run(feats, base)[base[0]], base[0])
     if raw_pixels:
         rx, ry = raw_pixel_features(train_ds)
         tx, ty = raw_pixel_features(test_ds)
-        results["raw pixels"] = lowshot_eval(rx, ry, tx, ty, shots, seeds, lambd)
+        add("raw pixels", run((rx, ry, tx, ty), base)[base[0]], base[0])
     payload = {
-        name: {str(k): {"mean": m, "std": s} for k, (m, s) in res.items()} for name, res in results.items()
+        name: {_json_key(c): {"mean": m, "std": s, "lambd": lambd_of[name]} for c, (m, s) in res.items()}
+        for name, res in results.items()
     }
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "lowshot.json").write_text(json.dumps(payload, indent=2))
@@ -158,23 +278,36 @@ def lowshot_from_config(
     output_dir: Path,
     cache: FeatureCache | None = None,
 ) -> str:
-    """:func:`lowshot_report` driven by an ``eval/lowshot`` config node."""
+    """:func:`lowshot_report` driven by an ``eval/lowshot`` config node.
+
+    Keys: ``shots``, ``seeds``, ``lambd`` (number or list), ``batch_size``, ``random_init``,
+    ``raw_pixels`` and the optional ``percents`` and ``subset_files`` (default empty).
+    """
+    percents = list(getattr(cfg, "percents", None) or [])
+    subset_files = [str(f) for f in (getattr(cfg, "subset_files", None) or [])]
+    title = (
+        f"Low-shot accuracy (%), {dataset}: logistic regression on k labelled images per class, "
+        f"mean ± std over {len(cfg.seeds)} splits, {len(test_ds)} test images"
+    )
+    if percents:
+        title += "; p% columns: that share of every class"
+    if subset_files:
+        title += "; subset-file columns: one official split each (std 0)"
     return lowshot_report(
         model,
         train_ds,
         test_ds,
-        shots=list(cfg.shots),
+        shots=list(cfg.shots or []),
         seeds=list(cfg.seeds),
-        lambd=cfg.lambd,
+        lambd=cfg.lambd if isinstance(cfg.lambd, (int, float)) else list(cfg.lambd),
         batch_size=cfg.batch_size,
-        title=(
-            f"Low-shot accuracy (%), {dataset}: logistic regression on k labelled images per class, "
-            f"mean ± std over {len(cfg.seeds)} splits, {len(test_ds)} test images"
-        ),
+        title=title,
         output_dir=output_dir,
         baseline_model=untrained_copy(model, seed) if cfg.random_init else None,
         raw_pixels=cfg.raw_pixels,
         cache=cache,
+        percents=percents,
+        subset_files=subset_files,
     )
 
 
@@ -185,22 +318,39 @@ def plot_lowshot(results: dict[str, Results], path: Path, title: str = "") -> Pa
     matplotlib.use("Agg")  # files only: works on machines without a display
     import matplotlib.pyplot as plt
 
+    def shot_points(res: Results) -> dict[int, tuple[float, float]]:
+        # k-shot columns ("k=5" or the int 5) only: percent and subset-file columns have no
+        # place on an images-per-class axis.
+        out = {}
+        for key, value in res.items():
+            m = _SHOT_COLUMN.fullmatch(key) if isinstance(key, str) else None
+            if m or not isinstance(key, str):
+                out[int(m.group(1)) if m else int(key)] = value
+        return out
+
     fig, ax = plt.subplots(figsize=(5.5, 4), dpi=120)
+    all_ks: set[int] = set()
     for name, res in results.items():
-        ks = sorted(res)
-        mean = np.array([res[k][0] for k in ks])
-        std = np.array([res[k][1] for k in ks])
+        points = shot_points(res)
+        if not points:
+            continue
+        ks = sorted(points)
+        all_ks.update(ks)
+        mean = np.array([points[k][0] for k in ks])
+        std = np.array([points[k][1] for k in ks])
         ax.plot(ks, mean, marker="o", label=name)
         ax.fill_between(ks, mean - std, mean + std, alpha=0.2)
-    ax.set_xscale("log")
-    ax.set_xticks(sorted({k for res in results.values() for k in res}))
+    if all_ks:
+        ax.set_xscale("log")
+        ax.set_xticks(sorted(all_ks))
     ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("labelled images per class")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if all_ks:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

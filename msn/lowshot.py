@@ -21,7 +21,9 @@ minimises exactly the objective above; see :func:`fit_logistic`.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -38,9 +40,18 @@ __all__ = [
     "format_table",
     "lowshot_accuracy",
     "lowshot_eval",
+    "lowshot_eval_splits",
+    "lowshot_splits",
+    "match_subset",
+    "percent_counts",
+    "percent_label",
     "preprocess",
     "raw_pixel_features",
+    "read_subset_file",
     "sample_k_per_class",
+    "sample_per_class",
+    "sample_percent_per_class",
+    "subset_accuracy",
 ]
 
 #: Regularisation of the official low-shot runs (MSN README: ``--lambd 0.0025``).
@@ -187,18 +198,85 @@ def _check_lambd(lambd: float) -> None:
         raise ValueError(f"lambd must be a finite positive number, got {lambd}")
 
 
+def _check_percent(percent: float) -> None:
+    if (
+        isinstance(percent, bool)
+        or not isinstance(percent, (int, float, np.integer, np.floating))
+        or not np.isfinite(percent)
+        or not 0 < percent <= 100
+    ):
+        raise ValueError(f"percent (lowshot.percents) must be a number in (0, 100], got {percent!r}")
+
+
 # ----------------------------------------------------------------------------------------------
 # Protocol
 # ----------------------------------------------------------------------------------------------
+
+
+def sample_per_class(
+    labels: np.ndarray,
+    counts: int | Sequence[int] | Callable[[np.ndarray], np.ndarray],
+    seed: int,
+    *,
+    what: str | None = None,
+) -> np.ndarray:
+    """Indices of the first ``counts[c]`` entries of a seeded permutation of every class ``c``.
+
+    This is the one sampler behind :func:`sample_k_per_class` and
+    :func:`sample_percent_per_class`. Every class gets its own permutation (classes in
+    increasing order, one generator seeded with ``seed``); the permutations depend only on the
+    labels and the seed, never on the counts, so any two subsets drawn with the same seed are
+    nested whenever one asks for at most as many images of every class as the other.
+
+    Args:
+        labels: ``(N,)`` integer class labels (no ``-1``).
+        counts: images to take from every class: one int for all classes, one int per class
+            (classes in increasing order), or a function mapping the class sizes ``(C,)`` to
+            the counts ``(C,)``.
+        seed: the split's seed.
+        what: description of the request for the error message (e.g. ``"k=5 images per
+            class"``).
+
+    Returns:
+        Sorted ``int64`` array of indices into ``labels``.
+
+    Raises:
+        ValueError: if a count is negative or larger than its class.
+    """
+    labels = _check_labels(labels)
+    classes, sizes = np.unique(labels, return_counts=True)
+    if callable(counts):
+        counts = counts(sizes)
+    want = np.broadcast_to(np.asarray(counts), sizes.shape)
+    if not np.issubdtype(want.dtype, np.integer):
+        raise ValueError(f"per-class counts must be integers, got dtype {want.dtype}")
+    if (want < 0).any():
+        raise ValueError("per-class counts must be >= 0")
+    small = np.flatnonzero(sizes < want)
+    if small.size:
+        c = small[np.argmin(sizes[small])]
+        what = what or f"{int(want[c])} images of class {classes[c]}"
+        raise ValueError(
+            f"cannot sample {what}: class {classes[c]} has only {sizes[c]} example(s) "
+            f"({small.size} class(es) have fewer than requested)"
+        )
+    # A stable argsort groups indices by class in one O(N log N) pass instead of one full scan
+    # of the labels per class (which is slow for ImageNet-sized label arrays).
+    by_class = np.split(np.argsort(labels, kind="stable"), np.cumsum(sizes)[:-1])
+    rng = np.random.default_rng(seed)
+    chosen = [rng.permutation(idx)[: int(n)] for idx, n in zip(by_class, want, strict=True)]
+    return np.sort(np.concatenate(chosen)).astype(np.int64)
 
 
 def sample_k_per_class(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
     """Indices of exactly ``k`` examples of every class present in ``labels``.
 
     Every class gets its own seeded permutation (classes in increasing order, one generator
-    seeded with ``seed``) and contributes its first ``k`` entries. Because the permutations do
-    not depend on ``k``, splits are nested: with the same seed, the ``k=1`` subset is contained
-    in the ``k=2`` subset, which is contained in the ``k=5`` subset.
+    seeded with ``seed``) and contributes its first ``k`` entries (see
+    :func:`sample_per_class`). Because the permutations do not depend on ``k``, splits are
+    nested: with the same seed, the ``k=1`` subset is contained in the ``k=2`` subset, which is
+    contained in the ``k=5`` subset (and in every percent subset that takes at least ``k``
+    images of every class).
 
     Returns:
         Sorted ``int64`` array of ``k * num_classes`` indices into ``labels``.
@@ -206,24 +284,124 @@ def sample_k_per_class(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
     Raises:
         ValueError: if ``k < 1`` or some class has fewer than ``k`` examples.
     """
-    labels = _check_labels(labels)
-    if int(k) != k or k < 1:
+    if isinstance(k, bool) or int(k) != k or k < 1:
         raise ValueError(f"k (images per class) must be a positive integer, got {k}")
     k = int(k)
-    classes, counts = np.unique(labels, return_counts=True)
-    small = np.flatnonzero(counts < k)
-    if small.size:
-        c = small[np.argmin(counts[small])]
+    return sample_per_class(labels, k, seed, what=f"k={k} images per class")
+
+
+def percent_counts(sizes: np.ndarray, percent: float) -> np.ndarray:
+    """Images per class of a ``percent`` subset: ``round(percent / 100 * size)``, at least 1.
+
+    Rounding is half up (``12.5 -> 13``), computed as ``percent * size / 100`` to avoid
+    representation error in ``percent / 100``.
+    """
+    _check_percent(percent)
+    sizes = np.asarray(sizes, dtype=np.int64)
+    n = np.floor(float(percent) * sizes / 100.0 + 0.5).astype(np.int64)
+    return np.clip(n, 1, sizes)
+
+
+def sample_percent_per_class(labels: np.ndarray, percent: float, seed: int) -> np.ndarray:
+    """Indices of ``percent`` % of every class (:func:`percent_counts` images, at least 1).
+
+    Uses the same per-class permutations as :func:`sample_k_per_class`, so with the same seed a
+    ``k``-shot subset is contained in the percent subset whenever the latter takes at least ``k``
+    images of every class.
+
+    Raises:
+        ValueError: if ``percent`` is not in ``(0, 100]``.
+    """
+    _check_percent(percent)
+    return sample_per_class(labels, lambda sizes: percent_counts(sizes, percent), seed)
+
+
+def percent_label(percent: float) -> str:
+    """Column name of a percent subset: ``1 -> "1%"``, ``0.5 -> "0.5%"``."""
+    return f"{float(percent):g}%"
+
+
+def lowshot_splits(
+    labels: np.ndarray,
+    shots: Sequence[int] = DEFAULT_SHOTS,
+    percents: Sequence[float] = (),
+    seeds: Sequence[int] = DEFAULT_SEEDS,
+) -> dict[str, list[np.ndarray]]:
+    """Every seeded split of the protocol: ``{column: [indices per seed]}``.
+
+    Columns in display order: ``"k=1"``, ``"k=2"``, ... for ``shots`` (in the given order), then
+    ``"1%"``, ``"10%"``, ... for ``percents``. Raises ``ValueError`` for a bad ``k`` or percent
+    before anything is fitted.
+    """
+    if len(seeds) == 0:
+        raise ValueError("seeds must be non-empty")
+    for p in percents:
+        _check_percent(p)
+    splits: dict[str, list[np.ndarray]] = {}
+    for k in shots:
+        _add_split(splits, f"k={int(k)}", [sample_k_per_class(labels, k, s) for s in seeds])
+    for p in percents:
+        _add_split(splits, percent_label(p), [sample_percent_per_class(labels, p, s) for s in seeds])
+    return splits
+
+
+def _add_split(splits: dict[str, list[np.ndarray]], name: str, idx: list[np.ndarray]) -> None:
+    if name in splits:
+        raise ValueError(f"low-shot column {name!r} is requested twice")
+    splits[name] = idx
+
+
+# ----------------------------------------------------------------------------------------------
+# Official subset files
+# ----------------------------------------------------------------------------------------------
+
+
+def read_subset_file(path: str | Path, key: str = "lowshot.subset_files") -> list[str]:
+    """Image file names of an official subset file: one name per line, blank lines ignored.
+
+    Raises:
+        ValueError: if the file does not exist (the message names ``key`` and the path) or
+            holds no names.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ValueError(f"{key}: no such subset file {str(path)!r}")
+    names = [line.strip() for line in path.read_text().splitlines()]
+    names = [n for n in names if n]
+    if not names:
+        raise ValueError(f"{key}: subset file {str(path)!r} lists no image names")
+    return names
+
+
+def match_subset(names: Sequence[str], paths: Sequence[str], source: str = "subset file") -> np.ndarray:
+    """Indices of the samples whose file name (basename of ``paths``) is in ``names``.
+
+    Returns:
+        Sorted ``int64`` indices into ``paths`` (a name listed twice counts once).
+
+    Raises:
+        ValueError: if some names are not among the file names (the message gives how many and
+            the first 5), or a name matches several samples (same file name in two folders).
+    """
+    index: dict[str, int] = {}
+    dupes: set[str] = set()
+    for i, p in enumerate(paths):
+        base = os.path.basename(os.fspath(p))
+        if base in index:
+            dupes.add(base)
+        index[base] = i
+    missing = [n for n in names if n not in index]
+    if missing:
         raise ValueError(
-            f"cannot sample k={k} images per class: class {classes[c]} has only {counts[c]} "
-            f"example(s) ({small.size} class(es) have fewer than {k})"
+            f"{source}: {len(missing)} of {len(names)} image name(s) are not in the dataset, "
+            f"e.g. {missing[:5]}"
         )
-    # A stable argsort groups indices by class in one O(N log N) pass instead of one full scan
-    # of the labels per class (which is slow for ImageNet-sized label arrays).
-    by_class = np.split(np.argsort(labels, kind="stable"), np.cumsum(counts)[:-1])
-    rng = np.random.default_rng(seed)
-    chosen = [rng.permutation(idx)[:k] for idx in by_class]
-    return np.sort(np.concatenate(chosen)).astype(np.int64)
+    ambiguous = sorted({n for n in names if n in dupes})
+    if ambiguous:
+        raise ValueError(
+            f"{source}: {len(ambiguous)} image name(s) match several dataset files, e.g. {ambiguous[:5]}"
+        )
+    return np.unique(np.array([index[n] for n in names], dtype=np.int64))
 
 
 CENTERINGS = ("row", "train_mean")
@@ -329,9 +507,78 @@ def lowshot_accuracy(
     train_x, train_y = _check_pair(train_x, train_y, "train")
     test_x, test_y = _check_pair(test_x, test_y, "test")
     idx = sample_k_per_class(train_y, k, seed)
+    return subset_accuracy(train_x, train_y, test_x, test_y, idx, (lambd,))[0]
+
+
+def subset_accuracy(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    test_x: np.ndarray,
+    test_y: np.ndarray,
+    idx: np.ndarray,
+    lambdas: Sequence[float] = (DEFAULT_LAMBD,),
+) -> list[float]:
+    """Test accuracy (percent) of the classifier fitted on the train rows ``idx``, per lambda.
+
+    The rows are prepared once by :func:`preprocess` (official row centring); one classifier of
+    :func:`fit_logistic` is fitted for every value in ``lambdas`` and evaluated on the whole test
+    set. Inputs are used as given (validate them with the callers' checks).
+    """
     x_tr, x_te = preprocess(train_x[idx], test_x)
-    clf = fit_logistic(x_tr, train_y[idx], lambd=lambd)
-    return float(100.0 * np.mean(clf.predict(x_te) == test_y))
+    return [
+        float(100.0 * np.mean(fit_logistic(x_tr, train_y[idx], lambd=lam).predict(x_te) == test_y))
+        for lam in lambdas
+    ]
+
+
+def lowshot_eval_splits(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    test_x: np.ndarray,
+    test_y: np.ndarray,
+    splits: Mapping[str, Sequence[np.ndarray]],
+    lambdas: Sequence[float] = (DEFAULT_LAMBD,),
+    progress: bool = False,
+) -> dict[float, dict[str, tuple[float, float]]]:
+    """Accuracy of every split in ``splits`` (e.g. from :func:`lowshot_splits`), per lambda.
+
+    Args:
+        splits: ``{column: [train indices of each split]}``; a column with a single split (an
+            official subset file) gets std 0.
+        lambdas: regularisation values; every split is evaluated with each of them.
+
+    Returns:
+        ``{lambd: {column: (mean, std)}}`` in percent (population std), columns in the order
+        of ``splits``.
+    """
+    if len(splits) == 0 or len(lambdas) == 0:
+        raise ValueError("splits and lambdas must be non-empty")
+    for lam in lambdas:
+        _check_lambd(lam)
+    train_x, train_y = _check_pair(train_x, train_y, "train")
+    test_x, test_y = _check_pair(test_x, test_y, "test")
+    if train_x.shape[1] != test_x.shape[1]:
+        raise ValueError(
+            f"train_x and test_x have different feature dims: {train_x.shape[1]} vs {test_x.shape[1]}"
+        )
+    total = sum(len(v) for v in splits.values())
+    bar = tqdm(total=total, desc="low-shot", disable=not progress, leave=False)
+    accs: dict[str, list[list[float]]] = {}
+    for name, idxs in splits.items():
+        if len(idxs) == 0:
+            raise ValueError(f"low-shot column {name!r} has no splits")
+        accs[name] = []
+        for idx in idxs:
+            accs[name].append(subset_accuracy(train_x, train_y, test_x, test_y, idx, lambdas))
+            bar.update()
+    bar.close()
+    return {
+        float(lam): {
+            name: (float(np.mean([a[j] for a in rows])), float(np.std([a[j] for a in rows])))
+            for name, rows in accs.items()
+        }
+        for j, lam in enumerate(lambdas)
+    }
 
 
 def lowshot_eval(
@@ -381,19 +628,25 @@ def lowshot_eval(
 
 
 def format_table(
-    results: Mapping[str, Mapping[int, tuple[float, float]]],
+    results: Mapping[str, Mapping[int | str, tuple[float, float]]],
     title: str | None = None,
 ) -> str:
-    """Render ``{row name: {k: (mean, std)}}`` as an aligned markdown table.
+    """Render ``{row name: {column: (mean, std)}}`` as an aligned markdown table.
 
-    Rows are the feature sets in insertion order, columns the union of all ``k`` in increasing
-    order, cells ``"63.2 ± 1.1"`` (percent, one decimal); a missing ``k`` shows ``"-"``. The
-    output is valid markdown and also reads well as plain text in a terminal.
+    Rows are the feature sets in insertion order. Integer columns are shot counts ``k``: shown
+    as ``k=1``, ``k=2``, ... in increasing order. String columns (``"k=1"``, ``"1%"``, a subset
+    file stem, ...) are shown as they are, in order of first appearance; integer columns come
+    first when both kinds are mixed. Cells are ``"63.2 ± 1.1"`` (percent, one decimal); a
+    missing column shows ``"-"``. The output is valid markdown and also reads well as plain
+    text in a terminal.
     """
-    shots = sorted({int(k) for row in results.values() for k in row})
-    header = ["features"] + [f"k={k}" for k in shots]
+    keys = [k for row in results.values() for k in row]
+    shots = sorted({int(k) for k in keys if not isinstance(k, str)})
+    named = list(dict.fromkeys(k for k in keys if isinstance(k, str)))
+    columns: list[int | str] = [*shots, *named]
+    header = ["features"] + [k if isinstance(k, str) else f"k={k}" for k in columns]
     body = [
-        [name] + [f"{row[k][0]:.1f} ± {row[k][1]:.1f}" if k in row else "-" for k in shots]
+        [name] + [f"{row[k][0]:.1f} ± {row[k][1]:.1f}" if k in row else "-" for k in columns]
         for name, row in results.items()
     ]
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]

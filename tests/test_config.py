@@ -82,6 +82,8 @@ def test_paper_recipes_match_reference(experiment, tmp_path):
         (["data.name=mnist3d"], "data.name='mnist3d' is unknown; allowed: digits"),
         (["model.mask_mode=blocks"], "model.mask_mode='blocks' is unknown; allowed: shared, per_sample"),
         (["lowshot.shots=[0]"], "lowshot.shots=[0] must be a non-empty list of integers >= 1"),
+        (["lowshot.lambd=0"], "lowshot.lambd=0 must be a number > 0 or a non-empty list of them"),
+        (["lowshot.lambd=[0.1,-1]"], "lowshot.lambd=[0.1, -1] must be a number > 0"),
         (["ckpt_path=/no/such.ckpt"], "ckpt_path='/no/such.ckpt': no such checkpoint file"),
         (["init_from=/no/such.ckpt"], "init_from='/no/such.ckpt': no such checkpoint file"),
     ],
@@ -94,6 +96,10 @@ def test_invalid_config_messages(overrides, message):
 
 def test_ckpt_path_last_is_resolved_later_not_rejected():
     validate_config(_compose(["ckpt_path=last"]))
+
+
+def test_lambda_sweep_is_valid():
+    validate_config(_compose(["lowshot.lambd=[0.001,0.0025,0.01]", "lowshot.percents=[1,10]"]))
 
 
 def test_batch_size_one_is_fine_without_batchnorm():

@@ -13,9 +13,16 @@ from msn.lowshot import (
     format_table,
     lowshot_accuracy,
     lowshot_eval,
+    lowshot_eval_splits,
+    lowshot_splits,
+    match_subset,
+    percent_counts,
     preprocess,
     raw_pixel_features,
+    read_subset_file,
     sample_k_per_class,
+    sample_per_class,
+    sample_percent_per_class,
 )
 
 # ----------------------------------------------------------------------------------------------
@@ -357,3 +364,128 @@ def test_format_table() -> None:
     table_lines = [line for line in lines if line.startswith("|")]
     assert len({len(line) for line in table_lines}) == 1
     assert format_table(results).splitlines()[0].startswith("| features")
+
+
+def test_format_table_string_columns_in_given_order() -> None:
+    results = {
+        "MSN": {"k=1": (50.0, 1.0), "k=5": (60.0, 0.5), "10%": (70.0, 0.25), "1percent": (65.0, 0.0)},
+        "raw pixels": {"k=1": (5.0, 0.3), "1percent": (6.0, 0.0)},
+    }
+    lines = format_table(results).splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert header == ["features", "k=1", "k=5", "10%", "1percent"]
+    raw = [c.strip() for c in lines[-1].strip("|").split("|")]
+    assert raw == ["raw pixels", "5.0 ± 0.3", "-", "-", "6.0 ± 0.0"]
+    # String "k=N" columns in increasing order render exactly like the int-keyed table.
+    ints = {"a": {1: (1.0, 0.1), 2: (2.0, 0.2), 5: (5.0, 0.5)}}
+    strs = {"a": {"k=1": (1.0, 0.1), "k=2": (2.0, 0.2), "k=5": (5.0, 0.5)}}
+    assert format_table(ints, title="T") == format_table(strs, title="T")
+
+
+# ----------------------------------------------------------------------------------------------
+# Percent subsets, the shared sampler, subset files, lambda lists
+# ----------------------------------------------------------------------------------------------
+
+
+def test_percent_counts_rounding_and_minimum() -> None:
+    sizes = np.array([10, 6, 15, 8, 250, 1300])
+    np.testing.assert_array_equal(percent_counts(sizes, 10), [1, 1, 2, 1, 25, 130])  # 0.6 -> 1, 1.5 -> 2
+    np.testing.assert_array_equal(percent_counts(sizes, 1), [1, 1, 1, 1, 3, 13])  # 2.5 -> 3 (half up)
+    np.testing.assert_array_equal(percent_counts(sizes, 50), [5, 3, 8, 4, 125, 650])  # 7.5 -> 8
+    np.testing.assert_array_equal(percent_counts(sizes, 100), sizes)
+
+
+def test_percent_sampler_exact_counts_and_deterministic() -> None:
+    y = _labels()  # class sizes 0:10, 3:6, 7:15, 9:8
+    for p, expected in [(10, [1, 1, 2, 1]), (50, [5, 3, 8, 4]), (100, [10, 6, 15, 8]), (0.5, [1, 1, 1, 1])]:
+        idx = sample_percent_per_class(y, p, seed=1)
+        assert idx.dtype == np.int64 and len(np.unique(idx)) == len(idx)
+        classes, counts = np.unique(y[idx], return_counts=True)
+        np.testing.assert_array_equal(classes, [0, 3, 7, 9])
+        np.testing.assert_array_equal(counts, expected)
+        np.testing.assert_array_equal(idx, sample_percent_per_class(y, p, seed=1))
+    assert not np.array_equal(sample_percent_per_class(y, 50, 0), sample_percent_per_class(y, 50, 1))
+
+
+def test_percent_and_k_shot_subsets_are_nested() -> None:
+    y = _labels()
+    for seed in (0, 1, 2):
+        one = set(sample_k_per_class(y, 1, seed).tolist())
+        two = set(sample_k_per_class(y, 2, seed).tolist())
+        pct10 = set(sample_percent_per_class(y, 10, seed).tolist())  # >= 1 per class
+        pct40 = set(sample_percent_per_class(y, 40, seed).tolist())  # >= 2 per class: 4, 2, 6, 3
+        five = set(sample_k_per_class(y, 5, seed).tolist())
+        pct80 = set(sample_percent_per_class(y, 80, seed).tolist())  # >= 5 per class: 8, 5, 12, 6
+        assert one <= pct10 <= pct40 and two <= pct40 and one < two
+        assert five <= pct80 and pct40 <= pct80
+
+
+def test_shared_sampler_per_class_counts() -> None:
+    y = _labels()
+    idx = sample_per_class(y, [0, 2, 3, 1], seed=0)
+    _, counts = np.unique(y[idx], return_counts=True)
+    assert dict(zip(*np.unique(y[idx], return_counts=True), strict=True)) == {3: 2, 7: 3, 9: 1}
+    assert counts.sum() == 6
+    # The k-shot sampler is the same code path with a uniform count.
+    np.testing.assert_array_equal(sample_per_class(y, 2, seed=4), sample_k_per_class(y, 2, 4))
+    with pytest.raises(ValueError, match="class 3 has only 6"):
+        sample_per_class(y, [1, 7, 1, 1], seed=0)
+
+
+def test_percent_errors() -> None:
+    y = _labels()
+    for bad in (0, -1, 100.5, float("nan"), True, "10"):
+        with pytest.raises(ValueError, match=r"in \(0, 100\]"):
+            sample_percent_per_class(y, bad, seed=0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"lowshot.percents.*150"):
+        lowshot_splits(y, shots=(1,), percents=(150,))
+
+
+def test_lowshot_splits_columns_and_order() -> None:
+    y = _labels()
+    splits = lowshot_splits(y, shots=(1, 2), percents=(10, 50), seeds=(0, 1, 2))
+    assert list(splits) == ["k=1", "k=2", "10%", "50%"]
+    assert all(len(v) == 3 for v in splits.values())
+    np.testing.assert_array_equal(splits["k=2"][1], sample_k_per_class(y, 2, 1))
+    np.testing.assert_array_equal(splits["50%"][2], sample_percent_per_class(y, 50, 2))
+    with pytest.raises(ValueError, match="twice"):
+        lowshot_splits(y, shots=(1,), percents=(10, 10.0))
+    with pytest.raises(ValueError, match=r"class 3 has only 6"):
+        lowshot_splits(y, shots=(7,))
+
+
+def test_read_subset_file_and_match(tmp_path) -> None:
+    f = tmp_path / "1percent.txt"
+    f.write_text("n01_3.JPEG\n\n  n02_1.JPEG  \nn01_3.JPEG\n\n")
+    assert read_subset_file(f) == ["n01_3.JPEG", "n02_1.JPEG", "n01_3.JPEG"]
+    paths = [f"/data/train/{c}/{c}_{i}.JPEG" for c in ("n01", "n02") for i in range(4)]
+    np.testing.assert_array_equal(match_subset(read_subset_file(f), paths), [3, 5])
+    with pytest.raises(ValueError, match=r"lowshot.subset_files.*nope.txt"):
+        read_subset_file(tmp_path / "nope.txt")
+    (tmp_path / "empty.txt").write_text("\n\n")
+    with pytest.raises(ValueError, match="no image names"):
+        read_subset_file(tmp_path / "empty.txt")
+    missing = [f"x_{i}.JPEG" for i in range(7)]
+    with pytest.raises(
+        ValueError, match=r"7 of 8 image name\(s\) are not in the dataset.*x_4.JPEG'\]"
+    ) as err:
+        match_subset(["n01_0.JPEG", *missing], paths)
+    assert "x_5.JPEG" not in str(err.value)
+    with pytest.raises(ValueError, match="several dataset files"):
+        match_subset(["a.png"], ["/r/x/a.png", "/r/y/a.png"])
+
+
+def test_lowshot_eval_splits_lambda_list() -> None:
+    train_x, train_y = blobs(n_classes=3, per_class=8, dim=6, seed=0, spread=2.5)
+    test_x, test_y = blobs(n_classes=3, per_class=30, dim=6, seed=1, spread=2.5)
+    splits = lowshot_splits(train_y, shots=(1, 3), percents=(50,), seeds=(0, 1))
+    splits["file"] = [np.array([0, 8, 16, 1])]
+    res = lowshot_eval_splits(train_x, train_y, test_x, test_y, splits, lambdas=(0.0025, 10.0))
+    assert list(res) == [0.0025, 10.0]
+    for lam in (0.0025, 10.0):
+        assert list(res[lam]) == ["k=1", "k=3", "50%", "file"]
+        assert res[lam]["file"][1] == 0.0  # a single split
+        ref = lowshot_eval(train_x, train_y, test_x, test_y, shots=(1, 3), seeds=(0, 1), lambd=lam)
+        assert res[lam]["k=1"] == pytest.approx(ref[1]) and res[lam]["k=3"] == pytest.approx(ref[3])
+    with pytest.raises(ValueError, match="lambd"):
+        lowshot_eval_splits(train_x, train_y, test_x, test_y, splits, lambdas=(0.1, -1.0))
