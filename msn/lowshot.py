@@ -531,6 +531,19 @@ def subset_accuracy(
     ]
 
 
+def _check_train_test(
+    train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Validated train and test pairs with the same feature dimension."""
+    train_x, train_y = _check_pair(train_x, train_y, "train")
+    test_x, test_y = _check_pair(test_x, test_y, "test")
+    if train_x.shape[1] != test_x.shape[1]:
+        raise ValueError(
+            f"train_x and test_x have different feature dims: {train_x.shape[1]} vs {test_x.shape[1]}"
+        )
+    return train_x, train_y, test_x, test_y
+
+
 def lowshot_eval_splits(
     train_x: np.ndarray,
     train_y: np.ndarray,
@@ -555,12 +568,7 @@ def lowshot_eval_splits(
         raise ValueError("splits and lambdas must be non-empty")
     for lam in lambdas:
         _check_lambd(lam)
-    train_x, train_y = _check_pair(train_x, train_y, "train")
-    test_x, test_y = _check_pair(test_x, test_y, "test")
-    if train_x.shape[1] != test_x.shape[1]:
-        raise ValueError(
-            f"train_x and test_x have different feature dims: {train_x.shape[1]} vs {test_x.shape[1]}"
-        )
+    train_x, train_y, test_x, test_y = _check_train_test(train_x, train_y, test_x, test_y)
     total = sum(len(v) for v in splits.values())
     bar = tqdm(total=total, desc="low-shot", disable=not progress, leave=False)
     accs: dict[str, list[list[float]]] = {}
@@ -601,25 +609,10 @@ def lowshot_eval(
         raise ValueError("shots and seeds must be non-empty")
     _check_lambd(lambd)
     # Validate once up front so a bad input fails before any (slow) fit.
-    train_x, train_y = _check_pair(train_x, train_y, "train")
-    test_x, test_y = _check_pair(test_x, test_y, "test")
-    if train_x.shape[1] != test_x.shape[1]:
-        raise ValueError(
-            f"train_x and test_x have different feature dims: {train_x.shape[1]} vs {test_x.shape[1]}"
-        )
-    for k in shots:
-        sample_k_per_class(train_y, k, 0)  # raises for a bad k, naming the too-small class
-
-    results: dict[int, tuple[float, float]] = {}
-    bar = tqdm(total=len(shots) * len(seeds), desc="low-shot", disable=not progress, leave=False)
-    for k in shots:
-        accs = []
-        for seed in seeds:
-            accs.append(lowshot_accuracy(train_x, train_y, test_x, test_y, k, seed, lambd))
-            bar.update()
-        results[int(k)] = (float(np.mean(accs)), float(np.std(accs)))
-    bar.close()
-    return results
+    train_x, train_y, test_x, test_y = _check_train_test(train_x, train_y, test_x, test_y)
+    splits = lowshot_splits(train_y, shots, (), seeds)  # raises for a bad k, naming the class
+    table = lowshot_eval_splits(train_x, train_y, test_x, test_y, splits, [lambd], progress=progress)
+    return {int(k): table[float(lambd)][f"k={int(k)}"] for k in shots}
 
 
 # ----------------------------------------------------------------------------------------------
