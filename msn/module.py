@@ -26,7 +26,7 @@ from msn.schedules import linear_at, lr_at, wd_at
 
 DEFAULT_ENCODER: dict[str, Any] = {"arch": "vit_small", "patch_size": 16, "img_size": 224, "in_chans": 3}
 # Every keyword of build_vit is a valid model.encoder key (defaults come from build_vit itself).
-_BUILD_VIT_ARGS = {k: inspect.Parameter.empty for k in inspect.signature(backbone.build_vit).parameters}
+_BUILD_VIT_ARGS = tuple(inspect.signature(backbone.build_vit).parameters)
 DEFAULT_HEAD: dict[str, Any] = {"hidden_dim": 2048, "out_dim": 256, "use_bn": True}
 DEFAULT_OPTIM: dict[str, Any] = {
     "start_lr": 2e-4,
@@ -42,11 +42,18 @@ DEFAULT_OPTIM: dict[str, Any] = {
 }
 
 
-def _merged(defaults: Mapping[str, Any], given: Mapping[str, Any] | None, what: str) -> dict[str, Any]:
+def _merged(
+    defaults: Mapping[str, Any],
+    given: Mapping[str, Any] | None,
+    what: str,
+    allowed: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """``defaults`` updated by ``given``; keys outside ``allowed`` (default: the defaults' keys) fail."""
     given = dict(given or {})
-    unknown = set(given) - set(defaults)
+    allowed = sorted(allowed if allowed is not None else defaults)
+    unknown = set(given) - set(allowed)
     if unknown:
-        raise ValueError(f"unknown keys in model.{what}: {sorted(unknown)}; allowed: {sorted(defaults)}")
+        raise ValueError(f"unknown keys in model.{what}: {sorted(unknown)}; allowed: {allowed}")
     return {**defaults, **given}
 
 
@@ -91,8 +98,7 @@ class MSNModule(L.LightningModule):
         features: str = "cls_prenorm",
     ) -> None:
         super().__init__()
-        encoder_cfg = _merged(_BUILD_VIT_ARGS, {**DEFAULT_ENCODER, **dict(encoder or {})}, "encoder")
-        encoder_cfg = {k: v for k, v in encoder_cfg.items() if v is not inspect.Parameter.empty}
+        encoder_cfg = _merged(DEFAULT_ENCODER, encoder, "encoder", allowed=_BUILD_VIT_ARGS)
         head_cfg = _merged(DEFAULT_HEAD, head, "head")
         self.optim_cfg = _merged(DEFAULT_OPTIM, optim, "optim")
         if not 0.0 <= mask_ratio < 1.0:
