@@ -168,24 +168,40 @@ def encode(
     return cls_prenorm, vit.norm(cls_prenorm)
 
 
+FEATURE_KINDS = ("cls_prenorm", "cls", "avgpool", "last4")
+
+
 def extract(vit: VisionTransformer, images: Tensor, features: str = "cls_prenorm") -> Tensor:
-    """Frozen features for evaluation (no masking).
+    """Frozen features for evaluation (no masking), (B, D) or (B, 4 D) for ``last4``.
 
     ``cls_prenorm``: class token of the last block before the final norm (official protocol);
     ``cls``: after the final norm (what HF ``ViTMSNModel`` returns); ``avgpool``: mean of the
-    normalised patch tokens.
+    normalised patch tokens; ``last4``: the normalised class tokens of the last four blocks,
+    concatenated (the DINO linear-evaluation features; earlier blocks keep more low-level detail,
+    which helps small models and low-resolution images).
     """
-    x = forward_tokens(vit, embed_tokens(vit, images))
+    if features not in FEATURE_KINDS:
+        raise ValueError(f"features={features!r} is unknown; allowed: {', '.join(FEATURE_KINDS)}")
+    x = vit.norm_pre(embed_tokens(vit, images))
+    if features == "last4":
+        if len(vit.blocks) < 4:
+            raise ValueError(f"features='last4' needs at least 4 blocks; this encoder has {len(vit.blocks)}")
+        cls_tokens = []
+        for i, block in enumerate(vit.blocks):
+            x = block(x)
+            if i >= len(vit.blocks) - 4:
+                cls_tokens.append(vit.norm(x[:, 0]))
+        return torch.cat(cls_tokens, dim=1)
+    x = vit.blocks(x)
     if features == "cls_prenorm":
         return x[:, 0]
     if features == "cls":
         return vit.norm(x[:, 0])
-    if features == "avgpool":
-        return vit.norm(x)[:, 1:].mean(dim=1)
-    raise ValueError(f"features={features!r} is unknown; allowed: cls_prenorm, cls, avgpool")
+    return vit.norm(x)[:, 1:].mean(dim=1)
 
 
 __all__ = [
+    "FEATURE_KINDS",
     "VIT_SIZES",
     "ViTSize",
     "build_vit",

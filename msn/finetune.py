@@ -18,6 +18,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from msn.backbone import FEATURE_KINDS
 from msn.config import ConfigError
 from msn.evaluate import knn_report, linear_report, lowshot_from_config
 from msn.feature_cache import FeatureCache, file_fingerprint
@@ -26,7 +27,6 @@ from msn.train import CONFIG_DIR
 
 log = logging.getLogger("msn")
 MODES = ("lowshot", "knn", "linear")
-FEATURE_KINDS = ("cls_prenorm", "cls", "avgpool")
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> MSNModule:

@@ -109,6 +109,9 @@ class MSNModule(L.LightningModule):
             raise ValueError(f"model.prototypes_grad={prototypes_grad!r}; allowed: sum, mean")
         if rand_views < 1:
             raise ValueError(f"model.rand_views={rand_views} must be >= 1")
+        if features not in backbone.FEATURE_KINDS:
+            allowed = ", ".join(backbone.FEATURE_KINDS)
+            raise ValueError(f"model.features={features!r} is unknown; allowed: {allowed}")
         self.save_hyperparameters()
 
         self.encoder = backbone.build_vit(**encoder_cfg)

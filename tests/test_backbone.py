@@ -124,3 +124,16 @@ def test_extract_feature_kinds():
     assert extract(vit, x, "avgpool").shape == (2, vit.embed_dim)
     with pytest.raises(ValueError, match="cls_prenorm"):
         extract(vit, x, "last7")
+
+
+def test_extract_last4_matches_timm_intermediate_layers():
+    # Independent computation: timm's own intermediate-layer API on the same (un-resampled) grid.
+    vit = _vit()
+    x = torch.randn(3, 1, 16, 16)
+    outs = vit.get_intermediate_layers(x, n=4, return_prefix_tokens=True, norm=True)
+    expected = torch.cat([prefix[:, 0] for _, prefix in outs], dim=1)
+    got = extract(vit, x, "last4")
+    assert got.shape == (3, 4 * vit.embed_dim)
+    torch.testing.assert_close(got, expected)
+    # The last of the four is the usual normalised class token.
+    torch.testing.assert_close(got[:, -vit.embed_dim :], extract(vit, x, "cls"))

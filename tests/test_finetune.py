@@ -95,7 +95,8 @@ def test_unlabeled_data_is_a_clear_error(ckpt, tmp_path):
 def test_channel_mismatch_and_unknown_mode(ckpt, tmp_path):
     with pytest.raises(ConfigError, match="data.in_chans=3 but the checkpoint's encoder takes 1"):
         evaluate(_cfg(tmp_path, f"ckpt={ckpt[0]}", "data=cifar10"))
-    with pytest.raises(ConfigError, match="features='last7' is unknown; allowed: cls_prenorm, cls, avgpool"):
+    allowed = "cls_prenorm, cls, avgpool, last4"
+    with pytest.raises(ConfigError, match=f"features='last7' is unknown; allowed: {allowed}"):
         evaluate(_cfg(tmp_path, f"ckpt={ckpt[0]}", "features=last7"))
     with pytest.raises(ConfigError, match="mode='dance' is not available; allowed: lowshot, knn, linear"):
         evaluate(_cfg(tmp_path, f"ckpt={ckpt[0]}", "mode=dance"))
