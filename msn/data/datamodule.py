@@ -10,11 +10,17 @@ from collections.abc import Mapping, Sequence
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2 as T
 
+from msn.data.batched import BatchedMultiView
 from msn.data.datasets import DATASETS, SPLITS, build_dataset, has_labels
-from msn.data.transforms import MultiViewTransform, _resolve_mean_std, eval_transform
+from msn.data.transforms import ConvertMode, MultiViewTransform, _resolve_mean_std, eval_transform, image_mode
 
-__all__ = ["MSNDataModule"]
+__all__ = ["AUGMENT_ON", "MSNDataModule"]
+
+# Where the multi-view augmentation runs: per image in the DataLoader workers (PIL, the official
+# pipeline) or per batch on the training device after the transfer (msn.data.batched).
+AUGMENT_ON = ("workers", "device")
 
 # Splits whose meaning differs between pre-training and evaluation: STL-10's "train" is train+unlabeled (right
 # for pre-training), but evaluation needs the labelled part.
@@ -49,6 +55,12 @@ class MSNDataModule(L.LightningDataModule):
         train_split: Split used for pre-training.
         eval_train_split: Labelled split used as the evaluation training (support) set.
         eval_test_split: Labelled split used as the evaluation test set.
+        augment_on: ``workers`` (PIL, one image at a time in the DataLoader workers; official) or
+            ``device`` (:class:`~msn.data.batched.BatchedMultiView` on whole uint8 batches after they
+            reach the training device: far less CPU per image, and no GPU starved by its workers).
+        load_size: With ``augment_on=device``, the workers resize the short side to this and centre-crop
+            a square so that images batch together; ``null`` keeps the stored size (all images must
+            then have the same size, as in digits, Fashion-MNIST, CIFAR and STL-10).
     """
 
     def __init__(
@@ -71,6 +83,8 @@ class MSNDataModule(L.LightningDataModule):
         train_split: str = "train",
         eval_train_split: str = "train",
         eval_test_split: str = "test",
+        augment_on: str = "workers",
+        load_size: int | None = None,
     ) -> None:
         super().__init__()
         if name not in DATASETS:
@@ -87,6 +101,12 @@ class MSNDataModule(L.LightningDataModule):
             raise ValueError(f"data.eval_img_size must be an integer >= 1, got {eval_img_size!r}")
         if not isinstance(eval_crop_pct, numbers.Real) or not 0.0 < eval_crop_pct <= 1.0:
             raise ValueError(f"data.eval_crop_pct must be in (0, 1], got {eval_crop_pct!r}")
+        if augment_on not in AUGMENT_ON:
+            raise ValueError(f"data.augment_on must be one of {list(AUGMENT_ON)}, got {augment_on!r}")
+        if load_size is not None and (
+            isinstance(load_size, bool) or not isinstance(load_size, numbers.Integral) or load_size < 1
+        ):
+            raise ValueError(f"data.load_size must be an integer >= 1 or null, got {load_size!r}")
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
             raise ValueError(f"data.seed must be an integer, got {seed!r}")
         try:
@@ -120,6 +140,18 @@ class MSNDataModule(L.LightningDataModule):
         self.eval_train_split = str(eval_train_split)
         self.eval_test_split = str(eval_test_split)
         self.transform = self._build_transform(transform)
+        self.augment_on = augment_on
+        self.load_size = None if load_size is None else int(load_size)
+        # Same arguments as the PIL pipeline (already validated by it); used when augment_on=device.
+        self.batched_transform: BatchedMultiView | None = None
+        if augment_on == "device" and name == "imagefolder" and load_size is None:
+            # Files of different sizes cannot be stacked into one uint8 batch.
+            raise ValueError(
+                "data.augment_on=device with data.name=imagefolder needs data.load_size (e.g. 256): "
+                "the images are resized to one square size in the workers before batching"
+            )
+        if augment_on == "device":
+            self.batched_transform = BatchedMultiView(**self._transform_kwargs(self.transform))
 
         self.train_dataset: Dataset | None = None
         self._eval_datasets: tuple[Dataset, Dataset] | None = None
@@ -156,6 +188,28 @@ class MSNDataModule(L.LightningDataModule):
         except ValueError as e:
             raise ValueError(f"data.transform.{e}") from e
 
+    @staticmethod
+    def _transform_kwargs(t: MultiViewTransform) -> dict:
+        keys = inspect.signature(MultiViewTransform).parameters
+        return {k: getattr(t, k) for k in keys}
+
+    def _load_transform(self) -> T.Compose:
+        """What the workers do with ``augment_on=device``: decode to a uint8 tensor (optionally resized)."""
+        steps: list = [ConvertMode(image_mode(self.in_chans))]
+        if self.load_size is not None:
+            steps += [
+                T.Resize(self.load_size, interpolation=T.InterpolationMode.BICUBIC),
+                T.CenterCrop(self.load_size),
+            ]
+        return T.Compose([*steps, T.PILToTensor()])
+
+    def on_after_batch_transfer(self, batch: object, dataloader_idx: int) -> object:
+        """With ``augment_on=device``: turn the uint8 training batch into the list of views."""
+        if self.batched_transform is None or self.trainer is None or not self.trainer.training:
+            return batch
+        images, labels = batch  # type: ignore[misc]
+        return self.batched_transform.to(images.device)(images), labels
+
     @property
     def num_views(self) -> int:
         """Number of views per image in a training batch."""
@@ -174,7 +228,7 @@ class MSNDataModule(L.LightningDataModule):
             self.name,
             self.train_split,
             self.root,
-            self.transform,
+            self.transform if self.batched_transform is None else self._load_transform(),
             download=self.download,
             in_chans=self.in_chans,
         )
