@@ -25,7 +25,13 @@ from msn.data import (
     has_labels,
     num_classes,
 )
-from msn.data.datasets import DEFAULT_FASHION_MNIST_DIR, read_idx
+from msn.data.datasets import (
+    DEFAULT_FASHION_MNIST_DIR,
+    BadImageError,
+    bad_image_summary,
+    read_bad_image_log,
+    read_idx,
+)
 from msn.data.transforms import blur_kernel_size
 
 # Small views keep the whole file fast on 2 CPU cores.
@@ -366,7 +372,9 @@ def test_datamodule_shuffle_follows_seed() -> None:
     def order(seed: int) -> list[list[int]]:
         dm = MSNDataModule(name="digits", in_chans=1, batch_size=8, transform=dict(SMALL), seed=seed)
         loader = dm.train_dataloader()  # calls setup() itself
-        return [list(iter(loader.batch_sampler))[0], list(iter(loader.batch_sampler))[0]]
+        first = next(iter(loader.batch_sampler))
+        loader.sampler.set_epoch(1)  # what Lightning does before every epoch
+        return [[i for i, _ in first], [i for i, _ in next(iter(loader.batch_sampler))]]
 
     first_epoch, second_epoch = order(0)
     assert order(0) == [first_epoch, second_epoch]  # same seed, same order
@@ -447,3 +455,115 @@ def test_datamodule_batch_larger_than_dataset(tmp_path: Path) -> None:
     )
     ok.setup("fit")
     assert len(ok.train_dataloader()) == 1
+
+
+# --------------------------------------------------------------------------------------------------------
+# imagefolder with bad files
+# --------------------------------------------------------------------------------------------------------
+# Files that cannot be decoded: skipped (or an error); each maps to a word of the recorded reason.
+UNREADABLE = {"truncated.jpg": "truncated", "corrupt.png": "", "empty.jpg": "empty", "notes.png": "identify"}
+
+
+def _bad_image_folder(root: Path) -> Path:
+    """Good images plus one file of every troublesome kind, in one flat folder (sorted names)."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(root / f"good{i}.png")
+    buffer = root / "tmp.jpg"
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buffer, quality=95)
+    data = buffer.read_bytes()
+    buffer.unlink()
+    (root / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    png = root / "tmp.png"
+    Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(png)
+    raw = png.read_bytes()
+    png.unlink()
+    (root / "corrupt.png").write_bytes(raw[:40] + bytes(rng.integers(0, 256, 200, dtype=np.uint8)))
+    (root / "empty.jpg").write_bytes(b"")
+    (root / "notes.png").write_text("not an image at all")
+    # Readable, but not RGB: converted.
+    Image.new("CMYK", (12, 12), (0, 255, 255, 0)).save(root / "mode_cmyk.jpg")
+    Image.fromarray(np.full((12, 12), 40000, dtype=np.uint16)).save(root / "mode_16bit.png")
+    palette = Image.fromarray(rng.integers(0, 4, (12, 12), dtype=np.uint8), mode="P")
+    palette.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0, 0, 0, 255] + [0] * 756)
+    palette.info["transparency"] = 0
+    palette.save(root / "mode_palette.png")
+    Image.fromarray(np.full((12, 12), 77, dtype=np.uint8), mode="L").save(root / "mode_gray.png")
+    return root
+
+
+def test_bad_images_are_skipped_counted_and_listed(tmp_path: Path) -> None:
+    root = _bad_image_folder(tmp_path / "images")
+    log_file = tmp_path / "run" / "bad_images.txt"
+    log_file.parent.mkdir()
+    ds = build_dataset("imagefolder", "train", root=str(root), bad_image_log=log_file)
+    names = [os.path.basename(p) for p, _ in ds.samples]
+    assert len(ds) == 14
+    loaded = {}
+    for i, name in enumerate(names):
+        img, label = ds[i]
+        assert img.mode == "RGB" and img.size in ((12, 12), (64, 64)) and label == -1
+        loaded[name] = np.asarray(img)
+    # Every unreadable file was replaced by the next readable one in the list (batches keep their size).
+    for name in UNREADABLE:
+        nxt = next(n for n in names[names.index(name) :] + names if n not in UNREADABLE)  # wraps around
+        assert np.array_equal(loaded[name], loaded[nxt])
+    # Other modes are converted faithfully: 16-bit scaled (not clipped to white), CMYK, palette, grayscale.
+    assert np.all(loaded["mode_16bit.png"] == round(40000 / 257))
+    assert loaded["mode_cmyk.jpg"][..., 0].mean() > 200 and loaded["mode_cmyk.jpg"][..., 1:].mean() < 60
+    assert np.all(loaded["mode_gray.png"] == 77)
+    colours = np.array([[0, 0, 0], [255, 0, 0], [0, 255, 0], [0, 0, 255]], dtype=np.uint8)
+    assert np.array_equal(
+        loaded["mode_palette.png"], colours[np.asarray(Image.open(root / "mode_palette.png"))]
+    )
+    listed = read_bad_image_log(log_file)
+    assert {os.path.basename(p) for p in listed} == set(UNREADABLE)
+    for path, reason in listed.items():
+        assert UNREADABLE[os.path.basename(path)] in reason and "\t" not in reason
+    ds[names.index("empty.jpg")]  # a second encounter is neither decoded nor listed again
+    assert len(log_file.read_text().splitlines()) == 4
+    assert bad_image_summary(log_file) == f"skipped 4 unreadable image file(s) (list: {log_file})"
+    assert bad_image_summary(tmp_path / "none.txt") is None
+
+
+def test_bad_images_raise_on_request(tmp_path: Path) -> None:
+    root = _bad_image_folder(tmp_path)
+    ds = build_dataset("imagefolder", "train", root=str(root), on_bad_image="raise")
+    names = [os.path.basename(p) for p, _ in ds.samples]
+    with pytest.raises(BadImageError, match=r"truncated\.jpg.*data\.on_bad_image=skip"):
+        ds[names.index("truncated.jpg")]
+    assert ds[names.index("good0.png")][0].mode == "RGB"
+    with pytest.raises(
+        ValueError, match=r"data\.on_bad_image must be one of \['skip', 'raise'\], got 'ignore'"
+    ):
+        MSNDataModule(name="imagefolder", root=str(root), on_bad_image="ignore")
+
+
+def test_bad_images_through_worker_processes(tmp_path: Path) -> None:
+    root = _bad_image_folder(tmp_path / "images")
+    log_file = tmp_path / "bad_images.txt"
+    dm = MSNDataModule(
+        name="imagefolder",
+        root=str(root),
+        batch_size=7,
+        num_workers=2,
+        transform=dict(SMALL),
+        bad_image_log=str(log_file),
+    )
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 2 and all(views[0].shape == (7, 3, 16, 16) for views, _ in batches)
+    assert bad_image_summary(log_file) == f"skipped 4 unreadable image file(s) (list: {log_file})"
+
+
+def test_folder_without_readable_images_fails_at_build(tmp_path: Path) -> None:
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "notes.png").write_text("not an image")
+    with pytest.raises(
+        BadImageError, match=r"no readable image among the 2 image files found: all checked"
+    ) as e:
+        build_dataset("imagefolder", "train", root=str(tmp_path))
+    assert "empty file (0 bytes)" in str(e.value) and "Check data.root" in str(e.value)
+    dm = MSNDataModule(name="imagefolder", root=str(tmp_path), batch_size=1, transform=dict(SMALL))
+    with pytest.raises(BadImageError, match="no readable image"):
+        dm.setup("fit")

@@ -9,11 +9,13 @@ from collections.abc import Mapping, Sequence
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2 as T
 
 from msn.data.batched import BatchedMultiView
-from msn.data.datasets import DATASETS, SPLITS, build_dataset, has_labels
+from msn.data.datasets import DATASETS, ON_BAD_IMAGE, SPLITS, build_dataset, has_labels
+from msn.data.resumable import ResumableSampler, SeededDataset, data_position
 from msn.data.transforms import ConvertMode, MultiViewTransform, _resolve_mean_std, eval_transform, image_mode
 
 __all__ = ["AUGMENT_ON", "MSNDataModule"]
@@ -61,6 +63,13 @@ class MSNDataModule(L.LightningDataModule):
         load_size: With ``augment_on=device``, the workers resize the short side to this and centre-crop
             a square so that images batch together; ``null`` keeps the stored size (all images must
             then have the same size, as in digits, Fashion-MNIST, CIFAR and STL-10).
+        on_bad_image: ``skip`` (default) or ``raise`` on an image file that cannot be decoded
+            (imagefolder; see :class:`~msn.data.datasets.ImageFolderDataset`).
+        bad_image_log: File that skipped image files are listed in (``path<TAB>reason`` lines).
+
+    Resuming: the training stream is a pure function of ``(seed, epoch, position)``
+    (:mod:`msn.data.resumable`), and :meth:`state_dict` stores the epoch and the batches already
+    consumed, so a run resumed from a checkpoint continues with the very next batch.
     """
 
     def __init__(
@@ -85,6 +94,8 @@ class MSNDataModule(L.LightningDataModule):
         eval_test_split: str = "test",
         augment_on: str = "workers",
         load_size: int | None = None,
+        on_bad_image: str = "skip",
+        bad_image_log: str | os.PathLike | None = None,
     ) -> None:
         super().__init__()
         if name not in DATASETS:
@@ -109,6 +120,8 @@ class MSNDataModule(L.LightningDataModule):
             raise ValueError(f"data.load_size must be an integer >= 1 or null, got {load_size!r}")
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
             raise ValueError(f"data.seed must be an integer, got {seed!r}")
+        if on_bad_image not in ON_BAD_IMAGE:
+            raise ValueError(f"data.on_bad_image must be one of {list(ON_BAD_IMAGE)}, got {on_bad_image!r}")
         try:
             in_chans, mean_t, std_t = _resolve_mean_std(in_chans, mean, std)
         except ValueError as e:
@@ -153,8 +166,13 @@ class MSNDataModule(L.LightningDataModule):
         if augment_on == "device":
             self.batched_transform = BatchedMultiView(**self._transform_kwargs(self.transform))
 
+        self.on_bad_image = on_bad_image
+        self.bad_image_log = None if bad_image_log is None else os.fspath(bad_image_log)
+
         self.train_dataset: Dataset | None = None
         self._eval_datasets: tuple[Dataset, Dataset] | None = None
+        # Set by load_state_dict: where the training stream of a resumed run continues.
+        self._resume_state: dict | None = None
 
     def _build_transform(self, transform: MultiViewTransform | Mapping | None) -> MultiViewTransform:
         """Accept a ready transform or its kwargs (Hydra passes a DictConfig); check channel consistency."""
@@ -231,6 +249,8 @@ class MSNDataModule(L.LightningDataModule):
             self.transform if self.batched_transform is None else self._load_transform(),
             download=self.download,
             in_chans=self.in_chans,
+            on_bad_image=self.on_bad_image,
+            bad_image_log=self.bad_image_log,
         )
         if self.drop_last and self.batch_size > len(dataset):
             # With drop_last every batch would be dropped and training would silently run zero steps.
@@ -245,18 +265,52 @@ class MSNDataModule(L.LightningDataModule):
         """Shuffled multi-view batches ``(views, labels)``; see the class docstring."""
         if self.train_dataset is None:
             self.setup("fit")
-        # A dedicated generator: the shuffle order (and the workers' base seeds) depend on data.seed only.
+        trainer = self.trainer
+        world_size, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        # Shuffle order and augmentation depend on (data.seed, epoch, index) only (msn.data.resumable).
+        sampler = ResumableSampler(self.train_dataset, self.batch_size, self.seed, world_size, rank)
+        if self._resume_state is not None:
+            state, self._resume_state = self._resume_state, None
+            if (state["batch_size"], state["world_size"]) != (self.batch_size, world_size):
+                rank_zero_warn(
+                    f"resuming with data.batch_size={self.batch_size} on {world_size} process(es) instead of "
+                    f"{state['batch_size']} on {state['world_size']}: the rest of epoch {state['epoch']} "
+                    "is not the one the interrupted run would have seen"
+                )
+            sampler.set_position(state["epoch"], state["batches_done"])
+        # The loader's own generator only draws the workers' base seeds; without one it would draw
+        # them from (and so move) the global random state at every epoch.
         generator = torch.Generator().manual_seed(self.seed)
         return DataLoader(
-            self.train_dataset,
+            SeededDataset(self.train_dataset),
             batch_size=self.batch_size,
-            shuffle=True,
+            sampler=sampler,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.persistent_workers and self.num_workers > 0,
             drop_last=self.drop_last,
             generator=generator,
         )
+
+    def state_dict(self) -> dict:
+        """Position of the training stream, saved in every checkpoint: ``epoch`` and ``batches_done``
+        in it (an epoch's end is stored as the next epoch's start), plus the batch layout."""
+        trainer = self.trainer
+        if trainer is None:
+            return {}
+        epoch, done = data_position(
+            trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_idx + 1, trainer.num_training_batches
+        )
+        return {
+            "epoch": epoch,
+            "batches_done": done,
+            "batch_size": self.batch_size,
+            "world_size": trainer.world_size,
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Remember where to continue; applied by the next :meth:`train_dataloader`."""
+        self._resume_state = dict(state_dict) if state_dict else None
 
     def eval_datasets(self) -> tuple[Dataset, Dataset]:
         """``(train, test)`` labelled datasets with the deterministic eval transform (for low-shot eval).
@@ -275,7 +329,14 @@ class MSNDataModule(L.LightningDataModule):
             split = _EVAL_SPLIT_ALIASES.get((self.name, split), split)
             try:
                 ds = build_dataset(
-                    self.name, split, self.root, tf, download=self.download, in_chans=self.in_chans
+                    self.name,
+                    split,
+                    self.root,
+                    tf,
+                    download=self.download,
+                    in_chans=self.in_chans,
+                    on_bad_image=self.on_bad_image,
+                    bad_image_log=self.bad_image_log,
                 )
             except FileNotFoundError as e:
                 # E.g. an imagefolder without a test/ or val/ folder. Reported as "no evaluation data"
