@@ -2,6 +2,10 @@
 
 Builds everything from the config with ``hydra.utils.instantiate``, fits, then evaluates the
 target encoder with the official low-shot protocol and prints the table.
+
+Failures end with one message and an exit code: 2 for an invalid config (before any compute), 1
+for a run stopped by a guard (non-finite loss, collapse with ``stop``, unreadable images with
+``on_bad_image=raise``); a preempted run (SIGTERM / SIGUSR1) saves its checkpoint and exits 0.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -17,36 +22,71 @@ import hydra
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
+from msn.checkpointing import ResumeCheckpoint, checkpoint_is_complete
 from msn.config import ConfigError, validate_config
+from msn.data.datasets import BadImageError, bad_image_summary
 from msn.evaluate import lowshot_from_config
+from msn.reliability import PreemptionHandler, TrainingAborted
 
 log = logging.getLogger("msn")
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
+def newest_resume_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The newest complete resume checkpoint in ``ckpt_dir``: ``last.ckpt`` or a step file.
+
+    A step file can be newer than ``last.ckpt`` when a run was killed between writing the two;
+    an incomplete file (copied or written by something without atomic saves) is passed over.
+    """
+    candidates = [ckpt_dir / "last.ckpt", *ckpt_dir.glob("step*.ckpt")]
+    complete = []
+    for path in candidates:
+        if not path.is_file():
+            continue
+        if checkpoint_is_complete(path):
+            complete.append(path)
+        else:
+            log.warning("ckpt_path=last: %s is incomplete, not resuming from it", path)
+    return max(complete, key=lambda p: p.stat().st_mtime, default=None)
+
+
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
-    """Turn ``ckpt_path=last`` into a file: this run's ``last.ckpt`` if it exists, else the newest
-    ``last.ckpt`` among the earlier runs of the same name (sibling run dirs). Anything else is
-    returned as given (after checking that the file exists)."""
+    """Turn ``ckpt_path=last`` into a file: this run's newest resume checkpoint if there is one,
+    else the newest among the earlier runs of the same name (sibling run dirs); see
+    :func:`newest_resume_checkpoint`. Anything else is returned as given (after checking that the
+    file exists)."""
     if ckpt_path in (None, ""):
         return None
     if ckpt_path != "last":
         if not Path(ckpt_path).is_file():
             raise FileNotFoundError(f"ckpt_path={ckpt_path!r}: no such checkpoint file")
         return str(ckpt_path)
-    own = output_dir / "checkpoints" / "last.ckpt"
-    if own.is_file():
+    own = newest_resume_checkpoint(output_dir / "checkpoints")
+    if own is not None:
         return str(own)
-    candidates = sorted(
-        output_dir.parent.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True
-    )
-    if candidates:
-        return str(candidates[0])
-    log.warning("ckpt_path=last: no last.ckpt under %s; starting from scratch", output_dir.parent)
+    found = [newest_resume_checkpoint(d) for d in output_dir.parent.glob("*/checkpoints")]
+    newest = max((p for p in found if p is not None), key=lambda p: p.stat().st_mtime, default=None)
+    if newest is not None:
+        return str(newest)
+    log.warning("ckpt_path=last: no checkpoint under %s; starting from scratch", output_dir.parent)
     return None
+
+
+def requested_ckpt_path(cfg_ckpt_path: str | None, environ: dict[str, str] | None = None) -> str | None:
+    """``ckpt_path`` of the config, or ``last`` for a SLURM job that was requeued (its restart
+    count is > 0) and names none: the requeued job reruns the same command line."""
+    env = os.environ if environ is None else environ
+    if cfg_ckpt_path in (None, "") and int(env.get("SLURM_RESTART_COUNT", "0") or 0) > 0:
+        log.info(
+            "requeued SLURM job (SLURM_RESTART_COUNT=%s): resuming with ckpt_path=last",
+            env["SLURM_RESTART_COUNT"],
+        )
+        return "last"
+    return cfg_ckpt_path
 
 
 def _wandb_offline_if_no_key(logger_cfg: DictConfig) -> None:
@@ -92,14 +132,46 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log.info("init_from %s: %d missing, %d unexpected keys", cfg.init_from, len(missing), len(unexpected))
     trainer = instantiate(cfg.trainer, logger=build_loggers(cfg) or False, callbacks=build_callbacks(cfg))
     log.info("output dir: %s", output_dir)
+    # MSNDataModule checkpoints its position in the epoch (state_dict), which Lightning cannot see.
+    warnings.filterwarnings(
+        "ignore", message="You're resuming from a checkpoint that ended before the epoch ended"
+    )
 
     start = time.perf_counter()
-    trainer.fit(model, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.ckpt_path, output_dir))
+    ckpt_path = resolve_ckpt_path(requested_ckpt_path(cfg.ckpt_path), output_dir)
+    stopped_by_lightning = False
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SIGTERMException:
+        # Lightning's own stop, for a SIGTERM before PreemptionHandler took over (or without it).
+        stopped_by_lightning = True
+    finally:
+        summary = bad_image_summary(getattr(datamodule, "bad_image_log", None))
+        if summary and trainer.is_global_zero:
+            print(summary, flush=True)
     fit_seconds = time.perf_counter() - start
     result: dict[str, Any] = {"output_dir": str(output_dir), "fit_seconds": fit_seconds}
-    ckpt_cb = trainer.checkpoint_callback
-    if ckpt_cb is not None and ckpt_cb.last_model_path:
-        result["last_checkpoint"] = ckpt_cb.last_model_path
+    resume_cb = next((cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ResumeCheckpoint)), None)
+    if resume_cb is not None and resume_cb.last_model_path:
+        result["last_checkpoint"] = resume_cb.last_model_path
+
+    preemption = next((cb for cb in trainer.callbacks if isinstance(cb, PreemptionHandler)), None)
+    if preemption is not None and preemption.preempted_by is not None:
+        result["preempted_by"] = preemption.preempted_by
+        if trainer.is_global_zero:
+            requeued = "; the SLURM job was requeued" if preemption.requeued else ""
+            print(
+                f"preempted by {preemption.preempted_by}: checkpoint of step {preemption.saved_step} "
+                f"saved to {result.get('last_checkpoint')}{requeued}; resume with ckpt_path=last",
+                flush=True,
+            )
+        return result
+    if stopped_by_lightning:
+        result["preempted_by"] = "SIGTERM"
+        if trainer.is_global_zero:
+            saved = result.get("last_checkpoint") or "no checkpoint yet"
+            print(f"stopped by SIGTERM (last checkpoint: {saved}); resume with ckpt_path=last", flush=True)
+        return result
 
     if cfg.lowshot.enabled and trainer.is_global_zero:
         table = run_lowshot(model, datamodule, cfg, output_dir)
@@ -117,6 +189,9 @@ def _hydra_main(cfg: DictConfig) -> None:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except (TrainingAborted, BadImageError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
 
 
 def main() -> None:
@@ -126,4 +201,4 @@ def main() -> None:
     _hydra_main()
 
 
-__all__ = ["main", "resolve_ckpt_path", "train"]
+__all__ = ["main", "newest_resume_checkpoint", "requested_ckpt_path", "resolve_ckpt_path", "train"]

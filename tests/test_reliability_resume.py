@@ -1,0 +1,244 @@
+"""Exact resume: a data stream that restarts mid-epoch, random states in checkpoints, and real
+train.py runs killed with SIGKILL / SIGTERM and resumed."""
+
+from __future__ import annotations
+
+import csv
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from test_train import FAST  # the tiny settings of the end-to-end runs
+from torch.utils.data import DataLoader, Dataset
+
+from msn.checkpointing import collect_rng_states, restore_rng_states
+from msn.data import MSNDataModule
+from msn.data.resumable import ResumableSampler, SeededDataset, data_position
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = {"rand_size": 16, "focal_size": 8, "focal_views": 1}
+
+
+class RandomViews(Dataset):
+    """Draws from torch's global generator, like the augmentation does."""
+
+    def __len__(self) -> int:
+        return 30
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return torch.rand(3), index
+
+
+# ------------------------------------------------------------------------------------------ data stream
+def test_sampler_restarts_mid_epoch_with_the_same_indices_and_seeds():
+    full = ResumableSampler(range(30), batch_size=4, seed=3)
+    full.set_epoch(2)
+    whole = list(full)
+    assert sorted(i for i, _ in whole) == list(range(30))
+    resumed = ResumableSampler(range(30), batch_size=4, seed=3)
+    resumed.set_position(2, 5)
+    resumed.set_epoch(2)  # Lightning calls this again for the resumed epoch: the position stays
+    assert list(resumed) == whole[20:]
+    resumed.set_epoch(3)  # the next epoch starts from its beginning, with a new permutation
+    epoch3 = list(resumed)
+    assert len(epoch3) == 30 and [i for i, _ in epoch3] != [i for i, _ in whole]
+    # Same index in another epoch: another augmentation seed.
+    assert dict(epoch3)[7] != dict(whole)[7]
+
+
+def test_sampler_splits_ranks_disjointly():
+    ranks = [ResumableSampler(range(30), batch_size=5, seed=0, num_replicas=2, rank=r) for r in (0, 1)]
+    indices = [[i for i, _ in sampler] for sampler in ranks]
+    assert len(indices[0]) == len(indices[1]) == 15 and sorted(indices[0] + indices[1]) == list(range(30))
+
+
+def test_data_position_moves_a_finished_epoch_to_the_next():
+    assert data_position(4, 7, 10) == (4, 7)
+    assert data_position(4, 10, 10) == (5, 0)
+    assert data_position(0, 0, float("inf")) == (0, 0)
+
+
+def _batches(num_workers: int) -> list[torch.Tensor]:
+    sampler = ResumableSampler(RandomViews(), batch_size=6, seed=1)
+    # As in MSNDataModule: the loader's own generator draws the workers' base seeds.
+    generator = torch.Generator().manual_seed(0)
+    loader = DataLoader(
+        SeededDataset(RandomViews()),
+        batch_size=6,
+        sampler=sampler,
+        num_workers=num_workers,
+        generator=generator,
+    )
+    return [x for x, _ in loader]
+
+
+def test_seeded_data_is_the_same_with_any_number_of_workers_and_leaves_global_rng_alone():
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    in_process = _batches(0)
+    assert torch.equal(torch.get_rng_state(), before)  # masking in the training process is undisturbed
+    with_workers = _batches(2)
+    assert all(torch.equal(a, b) for a, b in zip(in_process, with_workers, strict=True))
+    assert not torch.equal(in_process[0][0], in_process[0][1])  # still random across samples
+
+
+def _fake_trainer(epoch: int, batch_idx: int, batches: int) -> SimpleNamespace:
+    return SimpleNamespace(
+        current_epoch=epoch,
+        fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_idx=batch_idx)),
+        num_training_batches=batches,
+        world_size=1,
+        global_rank=0,
+    )
+
+
+def _datamodule() -> MSNDataModule:
+    return MSNDataModule(name="digits", in_chans=1, batch_size=64, transform=dict(SMALL), eval_img_size=16)
+
+
+def test_datamodule_state_continues_with_the_next_batch():
+    dm = _datamodule()
+    dm.trainer = _fake_trainer(epoch=1, batch_idx=4, batches=21)  # 5 batches of epoch 1 done
+    state = dm.state_dict()
+    assert state == {"epoch": 1, "batches_done": 5, "batch_size": 64, "world_size": 1}
+    loader = dm.train_dataloader()
+    loader.sampler.set_epoch(1)
+    expected = [views[0] for views, _ in loader][5:8]
+
+    resumed = _datamodule()
+    resumed.trainer = _fake_trainer(epoch=0, batch_idx=-1, batches=21)
+    resumed.load_state_dict(state)
+    got = []
+    for views, _ in resumed.train_dataloader():
+        got.append(views[0])
+        if len(got) == 3:
+            break
+    assert all(torch.equal(a, b) for a, b in zip(expected, got, strict=True))
+    # Saved after the last batch of an epoch: the next epoch's start.
+    dm.trainer = _fake_trainer(epoch=1, batch_idx=20, batches=21)
+    assert dm.state_dict()["epoch"] == 2 and dm.state_dict()["batches_done"] == 0
+
+
+def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
+    torch.manual_seed(5)
+    np.random.seed(5)
+    random.seed(5)
+    torch.save({"rng_states": collect_rng_states()}, tmp_path / "c.ckpt")
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    torch.manual_seed(99)
+    np.random.seed(99)
+    random.seed(99)
+    restore_rng_states(torch.load(tmp_path / "c.ckpt", weights_only=True)["rng_states"])
+    assert torch.equal(torch.rand(3), expected[0])
+    assert np.array_equal(np.random.rand(3), expected[1]) and random.random() == expected[2]
+
+
+# ------------------------------------------------------------------------------------------ train.py
+TINY = [
+    *FAST,
+    "trainer.deterministic=true",
+    "+trainer.limit_train_batches=5",  # 5-step epochs: a few epoch boundaries in a short run
+    "trainer.max_epochs=4",
+    "trainer.max_steps=14",
+    "lowshot.enabled=false",
+    "callbacks.resume_checkpoint.every_n_train_steps=3",
+    "+logger.csv.flush_logs_every_n_steps=1",
+]
+
+
+def _cmd(run_dir: Path, *overrides: str) -> list[str]:
+    return [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={run_dir}", *TINY, *overrides]
+
+
+def _losses(run_dir: Path) -> dict[int, str]:
+    """step -> logged train/loss (as written); a step logged twice (killed, then resumed) keeps the
+    resumed run's value."""
+    out = {}
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        for row in csv.DictReader(f):
+            if row.get("train/loss"):
+                out[int(row["step"])] = row["train/loss"]
+    return out
+
+
+def _wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        if (run_dir / "csv" / "metrics.csv").exists() and max(_losses(run_dir), default=-1) >= step:
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"train.py did not reach step {step}")
+
+
+def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_sigkill_at_a_random_step_then_resume_logs_the_uninterrupted_losses(tmp_path):
+    reference = tmp_path / "reference"
+    proc = _run(_cmd(reference), tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    expected = _losses(reference)
+    assert sorted(expected) == list(range(14))
+
+    # Killed at a random moment after a random step (possibly inside a checkpoint write), with
+    # DataLoader workers this time: the data stream must not depend on them.
+    kill_after = random.Random().randint(2, 11)
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(
+        _cmd(run, "data.num_workers=1"),
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _wait_for_step(proc, run, kill_after)
+    proc.kill()  # SIGKILL
+    proc.communicate()
+    saved = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)[
+        "global_step"
+    ]
+    assert saved > 0 and (saved % 3 == 0 or saved % 5 == 0), saved  # every 3 steps and at epoch ends
+
+    before = _losses(run)
+    assert all(before[step] == expected[step] for step in before)
+    # The resumed run logs into the same run dir (its CSV file starts afresh there).
+    proc = _run(_cmd(run, "data.num_workers=1", "ckpt_path=last"), tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ended before the epoch ended" not in proc.stderr  # the data module restores its position
+    resumed = _losses(run)
+    assert sorted(resumed) == list(range(saved, 14)), f"resumed from step {saved}"
+    assert resumed == {step: expected[step] for step in resumed}, (
+        f"killed after {kill_after}, resumed at {saved}"
+    )
+
+
+@pytest.mark.slow
+def test_sigterm_saves_at_the_end_of_the_step_and_exits_cleanly(tmp_path):
+    run = tmp_path / "run"
+    cmd = _cmd(run, "trainer.max_steps=200", "trainer.max_epochs=100")
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_step(proc, run, 4)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "Traceback" not in stderr
+    state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    step = state["global_step"]
+    # The step that was running finished and was saved; nothing ran after it.
+    assert max(_losses(run)) == step - 1 and 4 < step < 200
+    assert (
+        f"preempted by SIGTERM: checkpoint of step {step} saved to {run / 'checkpoints' / 'last.ckpt'}"
+        in stdout
+    )
+    assert "ckpt_path=last" in stdout
+    assert not (run / "lowshot.json").exists()
