@@ -2,17 +2,24 @@
 
 Every rule names the key, the bad value and what is allowed, and all problems are reported at
 once, so a user fixes a config in one go instead of one crash at a time (possibly hours in).
+Besides types, ranges and cross-field rules it checks what the config asks of this machine: the
+devices exist and the output folder is writable.
 """
 
 from __future__ import annotations
 
+import signal
+import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from msn.backbone import PATCH_SIZES, VIT_SIZES
+from msn.data.datasets import ON_BAD_IMAGE
 from msn.masking import MASK_MODES
+from msn.reliability import ON_NONFINITE
 
 DATASET_NAMES = ("digits", "fashion_mnist", "cifar10", "cifar100", "stl10", "imagefolder")
 
@@ -29,8 +36,151 @@ def _get(cfg: DictConfig, key: str, default: Any = None) -> Any:
     return OmegaConf.select(cfg, key, default=default)
 
 
-def validate_config(cfg: DictConfig) -> None:
-    """Raise :class:`ConfigError` listing every problem of a resolved train config."""
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _range_problems(cfg: DictConfig) -> list[str]:
+    """Numbers of the model, data and trainer config outside their ranges."""
+    problems = []
+    for key in ("model.loss.temperature", "model.loss.sharpen_temperature"):
+        value = _get(cfg, key)
+        if value is not None and not (_is_number(value) and value > 0):
+            problems.append(f"{key}={value} must be a number > 0")
+    for key in (
+        "model.optim.start_lr",
+        "model.optim.ref_lr",
+        "model.optim.final_lr",
+        "model.optim.clip_grad",
+    ):
+        value = _get(cfg, key)
+        if value is not None and not (_is_number(value) and value >= 0):
+            problems.append(f"{key}={value} must be a number >= 0")
+    ema = _get(cfg, "model.ema")
+    if ema is not None and not (len(ema) == 2 and all(_is_number(m) and 0 <= m <= 1 for m in ema)):
+        problems.append(f"model.ema={list(ema)} must be [start, end] momentums in [0, 1]")
+    workers = _get(cfg, "data.num_workers")
+    if workers is not None and not (_is_int(workers) and workers >= -1):
+        problems.append(
+            f"data.num_workers={workers} must be an integer >= 0, or -1 for one per CPU core (max 8)"
+        )
+    every = _get(cfg, "trainer.log_every_n_steps")
+    if every is not None and not (_is_int(every) and every >= 1):
+        problems.append(f"trainer.log_every_n_steps={every} must be an integer >= 1")
+    return problems
+
+
+def _reliability_problems(cfg: DictConfig) -> list[str]:
+    """Bad-image policy, checkpoint interval and the guards of configs/callbacks/default.yaml."""
+    problems = []
+    policy = _get(cfg, "data.on_bad_image")
+    if policy is not None and policy not in ON_BAD_IMAGE:
+        problems.append(f"data.on_bad_image={policy!r} is unknown; allowed: {', '.join(ON_BAD_IMAGE)}")
+    callbacks = _get(cfg, "callbacks") or {}
+    resume = callbacks.get("resume_checkpoint")
+    if resume is not None:
+        for key, minimum in (("every_n_train_steps", 1), ("keep_last", 0)):
+            value = resume.get(key)
+            if value is not None and not (_is_int(value) and value >= minimum):
+                problems.append(f"callbacks.resume_checkpoint.{key}={value} must be an integer >= {minimum}")
+    preemption = callbacks.get("preemption")
+    if preemption is not None:
+        for name in preemption.get("signals") or []:
+            if not (isinstance(name, str) and name in signal.Signals.__members__):
+                problems.append(f"callbacks.preemption.signals: {name!r} is not a signal name (e.g. SIGTERM)")
+        if resume is None:
+            problems.append(
+                "callbacks.preemption needs callbacks.resume_checkpoint (the checkpoint it saves on a signal)"
+            )
+    nonfinite = callbacks.get("nonfinite")
+    if nonfinite is not None:
+        mode = nonfinite.get("on_nonfinite")
+        if mode not in ON_NONFINITE:
+            problems.append(
+                f"callbacks.nonfinite.on_nonfinite={mode!r} is unknown; allowed: {', '.join(ON_NONFINITE)}"
+            )
+        skips = nonfinite.get("max_consecutive_skips")
+        if skips is not None and not (_is_int(skips) and skips >= 0):
+            problems.append(f"callbacks.nonfinite.max_consecutive_skips={skips} must be an integer >= 0")
+    collapse = callbacks.get("collapse")
+    if collapse is not None:
+        fraction = collapse.get("min_fraction")
+        if fraction is not None and not (_is_number(fraction) and 0 <= fraction <= 1):
+            problems.append(f"callbacks.collapse.min_fraction={fraction} must be a number in [0, 1]")
+        patience = collapse.get("patience")
+        if patience is not None and not (_is_int(patience) and patience >= 1):
+            problems.append(f"callbacks.collapse.patience={patience} must be an integer >= 1")
+    return problems
+
+
+def _writable_problem(output_dir: Any) -> str | None:
+    """Why ``output_dir`` (or the nearest folder that exists above it) cannot be written, or None."""
+    path = Path(str(output_dir)).expanduser().absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        return f"output_dir={str(output_dir)!r} is not writable: {str(existing)!r} is a file, not a folder"
+    try:  # a real write: permission bits do not tell about read-only mounts, or apply to root
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        return f"output_dir={str(output_dir)!r} is not writable ({err.strerror or err})"
+    return None
+
+
+def _environment_problems(cfg: DictConfig) -> list[str]:
+    """What the config asks of this machine: the devices and a writable output folder."""
+    problems = []
+    accelerator = _get(cfg, "trainer.accelerator", "auto")
+    devices = _get(cfg, "trainer.devices", "auto")
+    if isinstance(devices, ListConfig):
+        devices = list(devices)
+    if not (
+        devices == "auto"
+        or (_is_int(devices) and (devices >= 1 or devices == -1))
+        or isinstance(devices, list)
+    ):
+        problems.append(
+            f"trainer.devices={devices!r} must be an integer >= 1, -1 (all), a list of indices or auto"
+        )
+    elif accelerator in ("gpu", "cuda"):
+        visible = torch.cuda.device_count()
+        wanted = len(devices) if isinstance(devices, list) else devices
+        if visible == 0:
+            problems.append(
+                f"trainer.accelerator={accelerator} but no CUDA GPU is visible on this machine; "
+                "use trainer=cpu (or trainer.accelerator=cpu)"
+            )
+        elif _is_int(wanted) and wanted > visible:
+            problems.append(
+                f"trainer.devices={devices} but only {visible} GPU(s) are visible on this machine"
+            )
+        elif isinstance(devices, list) and any(not _is_int(d) or not 0 <= d < visible for d in devices):
+            problems.append(f"trainer.devices={devices}: the visible GPUs are 0..{visible - 1}")
+    elif accelerator == "mps" and not torch.backends.mps.is_available():
+        problems.append("trainer.accelerator=mps but MPS is not available on this machine")
+    nodes = _get(cfg, "trainer.num_nodes", 1)
+    if not (_is_int(nodes) and nodes >= 1):
+        problems.append(f"trainer.num_nodes={nodes} must be an integer >= 1")
+    output_dir = _get(cfg, "output_dir")
+    if output_dir not in (None, ""):
+        problem = _writable_problem(output_dir)
+        if problem:
+            problems.append(problem)
+    return problems
+
+
+def validate_config(cfg: DictConfig, environment: bool = True) -> None:
+    """Raise :class:`ConfigError` listing every problem of a resolved train config.
+
+    Args:
+        cfg: the composed config of ``train.py``.
+        environment: also check this machine (devices, output folder); off to validate a config
+            meant for another machine (e.g. a GPU cluster's from a laptop).
+    """
     problems: list[str] = []
 
     def check(ok: bool, msg: str) -> None:
@@ -115,5 +265,9 @@ def validate_config(cfg: DictConfig) -> None:
             f"lowshot.lambd={lambd} must be a number > 0 or a non-empty list of them",
         )
 
+    problems += _range_problems(cfg)
+    problems += _reliability_problems(cfg)
+    if environment:
+        problems += _environment_problems(cfg)
     if problems:
         raise ConfigError(problems)

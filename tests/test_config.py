@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 from msn.config import ConfigError, validate_config
@@ -31,7 +32,7 @@ def test_all_experiments_listed():
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_composes_and_validates(experiment, tmp_path):
     cfg = _compose([f"experiment={experiment}", f"data.root={tmp_path}"])
-    validate_config(cfg)
+    validate_config(cfg, environment=False)  # the paper recipes ask for GPUs this machine may not have
     assert cfg.model.encoder.img_size == cfg.data.transform.rand_size
     assert cfg.model.rand_views == cfg.data.transform.rand_views
 
@@ -68,30 +69,143 @@ def test_paper_recipes_match_reference(experiment, tmp_path):
     [
         (["model.mask_ratio=1.0"], "model.mask_ratio=1.0 must be a number in [0, 1)"),
         (["model.mask_ratio=-0.1"], "model.mask_ratio=-0.1 must be a number in [0, 1)"),
-        (["data.transform.focal_size=2"], "data.transform.focal_size=2 is smaller than one patch"),
-        (["data.transform.rand_size=3"], "data.transform.rand_size=3 is smaller than one patch"),
+        (
+            ["data.transform.focal_size=2"],
+            "data.transform.focal_size=2 is smaller than one patch (model.encoder.patch_size=4); use a "
+            "larger focal crop or data.transform.focal_views=0",
+        ),
+        (
+            ["data.transform.rand_size=3"],
+            "data.transform.rand_size=3 is smaller than one patch (model.encoder.patch_size=4)",
+        ),
         (["model.num_prototypes=0"], "model.num_prototypes=0 must be an integer >= 1"),
-        (["data=imagefolder", "data.root=/no/such/folder"], "data.root='/no/such/folder' does not exist"),
-        (["data=imagefolder"], "data.root is required for data=imagefolder"),
+        (
+            ["data=imagefolder", "data.root=/no/such/folder"],
+            "data.root='/no/such/folder' does not exist or is not a folder (data=imagefolder)",
+        ),
+        (["data=imagefolder"], "data.root is required for data=imagefolder (a folder of images)"),
         (
             ["model.encoder.arch=vit_gigantic"],
-            "model.encoder.arch='vit_gigantic' is unknown; allowed: vit_nano",
+            "model.encoder.arch='vit_gigantic' is unknown; allowed: vit_nano, vit_micro, vit_tiny, "
+            "vit_small, vit_base, vit_large, vit_huge",
         ),
-        (["model.encoder.patch_size=5"], "model.encoder.patch_size=5 is not supported"),
-        (["data.batch_size=1"], "data.batch_size=1 with BatchNorm in the projection head"),
-        (["data.name=mnist3d"], "data.name='mnist3d' is unknown; allowed: digits"),
+        (
+            ["model.encoder.patch_size=5"],
+            "model.encoder.patch_size=5 is not supported; allowed: (2, 4, 7, 8, 14, 16)",
+        ),
+        (
+            ["data.batch_size=1"],
+            "data.batch_size=1 with BatchNorm in the projection head (model.head.use_bn=true): batch "
+            "statistics of one sample are undefined; use data.batch_size >= 2 or model.head.use_bn=false",
+        ),
+        (
+            ["data.name=mnist3d"],
+            "data.name='mnist3d' is unknown; allowed: digits, fashion_mnist, cifar10, cifar100, stl10, "
+            "imagefolder",
+        ),
         (["model.mask_mode=blocks"], "model.mask_mode='blocks' is unknown; allowed: shared, per_sample"),
         (["lowshot.shots=[0]"], "lowshot.shots=[0] must be a non-empty list of integers >= 1"),
         (["lowshot.lambd=0"], "lowshot.lambd=0 must be a number > 0 or a non-empty list of them"),
-        (["lowshot.lambd=[0.1,-1]"], "lowshot.lambd=[0.1, -1] must be a number > 0"),
+        (
+            ["lowshot.lambd=[0.1,-1]"],
+            "lowshot.lambd=[0.1, -1] must be a number > 0 or a non-empty list of them",
+        ),
         (["ckpt_path=/no/such.ckpt"], "ckpt_path='/no/such.ckpt': no such checkpoint file"),
         (["init_from=/no/such.ckpt"], "init_from='/no/such.ckpt': no such checkpoint file"),
+        # ranges
+        (["model.loss.temperature=0"], "model.loss.temperature=0 must be a number > 0"),
+        (["model.optim.ref_lr=-1"], "model.optim.ref_lr=-1 must be a number >= 0"),
+        (["model.ema=[0.9,1.5]"], "model.ema=[0.9, 1.5] must be [start, end] momentums in [0, 1]"),
+        (
+            ["data.num_workers=-2"],
+            "data.num_workers=-2 must be an integer >= 0, or -1 for one per CPU core (max 8)",
+        ),
+        (["trainer.log_every_n_steps=0"], "trainer.log_every_n_steps=0 must be an integer >= 1"),
+        # failure handling
+        (["data.on_bad_image=ignore"], "data.on_bad_image='ignore' is unknown; allowed: skip, raise"),
+        (
+            ["callbacks.resume_checkpoint.every_n_train_steps=0"],
+            "callbacks.resume_checkpoint.every_n_train_steps=0 must be an integer >= 1",
+        ),
+        (
+            ["callbacks.resume_checkpoint.keep_last=-1"],
+            "callbacks.resume_checkpoint.keep_last=-1 must be an integer >= 0",
+        ),
+        (
+            ["callbacks.preemption.signals=[SIGTERM,SIGNOPE]"],
+            "callbacks.preemption.signals: 'SIGNOPE' is not a signal name (e.g. SIGTERM)",
+        ),
+        (
+            ["~callbacks.resume_checkpoint"],
+            "callbacks.preemption needs callbacks.resume_checkpoint (the checkpoint it saves on a signal)",
+        ),
+        (
+            ["callbacks.nonfinite.on_nonfinite=ignore"],
+            "callbacks.nonfinite.on_nonfinite='ignore' is unknown; allowed: stop, skip_step",
+        ),
+        (
+            ["callbacks.nonfinite.max_consecutive_skips=-1"],
+            "callbacks.nonfinite.max_consecutive_skips=-1 must be an integer >= 0",
+        ),
+        (
+            ["callbacks.collapse.min_fraction=1.5"],
+            "callbacks.collapse.min_fraction=1.5 must be a number in [0, 1]",
+        ),
+        (["callbacks.collapse.patience=0"], "callbacks.collapse.patience=0 must be an integer >= 1"),
+        # this machine
+        (
+            ["trainer.devices=0"],
+            "trainer.devices=0 must be an integer >= 1, -1 (all), a list of indices or auto",
+        ),
+        (["trainer.num_nodes=0"], "trainer.num_nodes=0 must be an integer >= 1"),
     ],
 )
 def test_invalid_config_messages(overrides, message):
     with pytest.raises(ConfigError) as err:
         validate_config(_compose(overrides))
-    assert message in str(err.value)
+    assert err.value.problems == [message]
+
+
+@pytest.mark.parametrize(
+    ("visible", "overrides", "message"),
+    [
+        (
+            0,
+            ["trainer.accelerator=gpu"],
+            "trainer.accelerator=gpu but no CUDA GPU is visible on this machine; use trainer=cpu "
+            "(or trainer.accelerator=cpu)",
+        ),
+        (
+            2,
+            ["trainer.accelerator=gpu", "trainer.devices=4"],
+            "trainer.devices=4 but only 2 GPU(s) are visible on this machine",
+        ),
+        (
+            2,
+            ["trainer.accelerator=cuda", "trainer.devices=[1,2]"],
+            "trainer.devices=[1, 2]: the visible GPUs are 0..1",
+        ),
+        (0, ["trainer.accelerator=mps"], "trainer.accelerator=mps but MPS is not available on this machine"),
+    ],
+)
+def test_devices_must_exist(monkeypatch, visible, overrides, message):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(ConfigError) as err:
+        validate_config(_compose(overrides))
+    assert err.value.problems == [message]
+    validate_config(_compose(overrides), environment=False)  # fine for another machine
+
+
+def test_output_dir_must_be_writable(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ConfigError) as err:
+        validate_config(_compose([f"output_dir={tmp_path}/a_file/run"]))
+    assert err.value.problems == [
+        f"output_dir='{tmp_path}/a_file/run' is not writable: '{tmp_path}/a_file' is a file, not a folder"
+    ]
+    validate_config(_compose([f"output_dir={tmp_path}/new/run"]))  # created later: its parent is writable
+    assert not (tmp_path / "new").exists()  # validation writes nothing
 
 
 def test_ckpt_path_last_is_resolved_later_not_rejected():
