@@ -5,7 +5,8 @@ target encoder with the official low-shot protocol and prints the table.
 
 Failures end with one message and an exit code: 2 for an invalid config (before any compute), 1
 for a run stopped by a guard (non-finite loss, collapse with ``stop``, unreadable images with
-``on_bad_image=raise``); a preempted run (SIGTERM / SIGUSR1) saves its checkpoint and exits 0.
+``on_bad_image=raise``, a checkpoint that cannot be written); a preempted run (SIGTERM /
+SIGUSR1) saves its checkpoint and exits 0.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
-from msn.checkpointing import ResumeCheckpoint, checkpoint_is_complete
+from msn.checkpointing import CheckpointWriteError, ResumeCheckpoint, checkpoint_is_complete
 from msn.config import ConfigError, validate_config
 from msn.data.datasets import BadImageError, bad_image_summary
 from msn.evaluate import lowshot_from_config
@@ -189,7 +190,7 @@ def _hydra_main(cfg: DictConfig) -> None:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    except (TrainingAborted, BadImageError) as err:
+    except (TrainingAborted, BadImageError, CheckpointWriteError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
 

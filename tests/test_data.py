@@ -464,7 +464,7 @@ def test_datamodule_batch_larger_than_dataset(tmp_path: Path) -> None:
 UNREADABLE = {"truncated.jpg": "truncated", "corrupt.png": "", "empty.jpg": "empty", "notes.png": "identify"}
 
 
-def _bad_image_folder(root: Path) -> Path:
+def bad_image_folder(root: Path) -> Path:
     """Good images plus one file of every troublesome kind, in one flat folder (sorted names)."""
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -494,7 +494,7 @@ def _bad_image_folder(root: Path) -> Path:
 
 
 def test_bad_images_are_skipped_counted_and_listed(tmp_path: Path) -> None:
-    root = _bad_image_folder(tmp_path / "images")
+    root = bad_image_folder(tmp_path / "images")
     log_file = tmp_path / "run" / "bad_images.txt"
     log_file.parent.mkdir()
     ds = build_dataset("imagefolder", "train", root=str(root), bad_image_log=log_file)
@@ -528,7 +528,7 @@ def test_bad_images_are_skipped_counted_and_listed(tmp_path: Path) -> None:
 
 
 def test_bad_images_raise_on_request(tmp_path: Path) -> None:
-    root = _bad_image_folder(tmp_path)
+    root = bad_image_folder(tmp_path)
     ds = build_dataset("imagefolder", "train", root=str(root), on_bad_image="raise")
     names = [os.path.basename(p) for p, _ in ds.samples]
     with pytest.raises(BadImageError, match=r"truncated\.jpg.*data\.on_bad_image=skip"):
@@ -541,7 +541,7 @@ def test_bad_images_raise_on_request(tmp_path: Path) -> None:
 
 
 def test_bad_images_through_worker_processes(tmp_path: Path) -> None:
-    root = _bad_image_folder(tmp_path / "images")
+    root = bad_image_folder(tmp_path / "images")
     log_file = tmp_path / "bad_images.txt"
     dm = MSNDataModule(
         name="imagefolder",

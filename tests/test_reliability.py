@@ -18,6 +18,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from lightning.fabric.plugins.environments import SLURMEnvironment
+from test_data import UNREADABLE, bad_image_folder
 from test_train import FAST  # the tiny settings of the end-to-end runs
 
 import msn.checkpointing as checkpointing
@@ -31,6 +32,7 @@ from msn.checkpointing import (
     remove_stale_tmp,
 )
 from msn.data import MSNDataModule
+from msn.data.datasets import BadImageError
 from msn.loss import MSNLoss
 from msn.module import MSNModule
 from msn.reliability import (
@@ -382,3 +384,31 @@ def test_collapse_of_a_real_run_is_reported(tmp_path):
     with pytest.warns(PrototypeCollapseWarning, match="used only 1 of K=16 prototypes"):
         _trainer(tmp_path, [monitor], max_steps=3, max_epochs=1).fit(model, datamodule=_datamodule())
     assert monitor.low_streak == 3
+
+
+# ------------------------------------------------------------------------------------------ bad images
+def _imagefolder(tmp_path: Path, *overrides: str):
+    root = bad_image_folder(tmp_path / "images")
+    small = ["data.transform.rand_size=16", "data.transform.focal_size=8", "data.transform.focal_views=1"]
+    return _compose(
+        tmp_path / "run",
+        "data=imagefolder",
+        f"data.root={root}",
+        *small,
+        "model.encoder.patch_size=4",
+        "data.batch_size=7",  # the 14 files in 2 batches: one epoch meets every file
+        "trainer.max_steps=2",
+        *overrides,
+    )
+
+
+def test_train_skips_bad_images_and_reports_them_at_the_end(tmp_path, capsys):
+    result = train(_imagefolder(tmp_path))
+    log_file = tmp_path / "run" / "bad_images.txt"
+    assert f"skipped {len(UNREADABLE)} unreadable image file(s) (list: {log_file})" in capsys.readouterr().out
+    assert torch.load(result["last_checkpoint"], weights_only=True)["global_step"] == 2
+
+
+def test_train_stops_at_a_bad_image_on_request(tmp_path):
+    with pytest.raises(BadImageError, match=r"unreadable image .*\(data\.on_bad_image=raise"):
+        train(_imagefolder(tmp_path, "data.on_bad_image=raise"))
