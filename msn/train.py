@@ -21,7 +21,6 @@ from typing import Any
 
 import hydra
 import lightning as L
-import torch
 from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
@@ -30,6 +29,7 @@ from msn.checkpointing import CheckpointWriteError, ResumeCheckpoint, checkpoint
 from msn.config import ConfigError, validate_config
 from msn.data.datasets import BadImageError, bad_image_summary
 from msn.evaluate import lowshot_from_config
+from msn.interop import init_msn_module
 from msn.reliability import PreemptionHandler, TrainingAborted
 
 log = logging.getLogger("msn")
@@ -128,9 +128,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule = instantiate(cfg.data, _convert_="all")
     model = instantiate(cfg.model, _convert_="all")
     if cfg.get("init_from"):
-        state = torch.load(cfg.init_from, map_location="cpu", weights_only=False)
-        missing, unexpected = model.load_state_dict(state.get("state_dict", state), strict=False)
-        log.info("init_from %s: %d missing, %d unexpected keys", cfg.init_from, len(missing), len(unexpected))
+        # Weights only, any format msn.interop reads (ours, official .pth.tar, HF, timm); the
+        # schedules start afresh from them.
+        try:
+            loaded = init_msn_module(model, cfg.init_from)
+        except (FileNotFoundError, ValueError) as err:
+            raise ConfigError([f"init_from={cfg.init_from!r}: {err}"]) from err
+        log.info("init_from %s: %s", cfg.init_from, ", ".join(f"{k} <- {v}" for k, v in loaded.items()))
     trainer = instantiate(cfg.trainer, logger=build_loggers(cfg) or False, callbacks=build_callbacks(cfg))
     log.info("output dir: %s", output_dir)
     # MSNDataModule checkpoints its position in the epoch (state_dict), which Lightning cannot see.
