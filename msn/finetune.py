@@ -1,9 +1,13 @@
-"""Evaluate a pre-trained MSN checkpoint (``python finetune.py`` / ``msn-finetune``).
+"""Evaluate or fine-tune a pre-trained MSN checkpoint (``python finetune.py`` / ``msn-finetune``).
 
 ``mode=lowshot``: the official low-shot protocol on frozen target-encoder features, with the
 random-init and raw-pixel baselines in the same table. ``mode=knn``: weighted kNN (DINO) on all
 labelled training images. ``mode=linear``: the official linear probe (LayerNorm, L2 norm, Linear;
-SGD nesterov, cosine) on all labels.
+SGD nesterov, cosine) on all labels. ``mode=finetune``: full fine-tuning with the MAE recipe
+(:mod:`msn.finetuning`), on all labels or a percent / k-per-class subset.
+
+``ckpt`` may be any checkpoint :func:`msn.interop.read_checkpoint` reads: ours, an official
+``.pth.tar``, a Hugging Face ViTMSN folder or timm weights.
 """
 
 from __future__ import annotations
@@ -22,37 +26,26 @@ from msn.backbone import FEATURE_KINDS
 from msn.config import ConfigError
 from msn.evaluate import knn_report, linear_report, lowshot_from_config
 from msn.feature_cache import FeatureCache, file_fingerprint
+from msn.finetuning import check_finetune_config, finetune_summary, run_finetune
+from msn.interop import msn_module, read_checkpoint
 from msn.module import MSNModule
 from msn.train import CONFIG_DIR
 
 log = logging.getLogger("msn")
-MODES = ("lowshot", "knn", "linear")
+MODES = ("lowshot", "knn", "linear", "finetune")
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> MSNModule:
-    """Load an :class:`MSNModule` from a Lightning checkpoint written by ``train.py``.
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", strict: bool = True) -> MSNModule:
+    """An :class:`MSNModule` (eval mode) holding the encoders of any supported checkpoint.
+
+    Our pre-training checkpoints load completely; official, HF and timm ones fill both encoders
+    (and head / prototypes when they have them), see :func:`msn.interop.msn_module`.
 
     Raises:
-        FileNotFoundError: no file at ``path``.
-        ValueError: the file is not a checkpoint of this project (with what it does contain).
+        FileNotFoundError: no file or folder at ``path``.
+        ValueError: unreadable, or not a supported checkpoint (with what it does contain).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"ckpt={str(path)!r}: no such checkpoint file")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same clear message
-        raise ValueError(f"ckpt={str(path)!r} is not a readable PyTorch checkpoint ({err})") from err
-    keys = set(state.get("state_dict", {})) if isinstance(state, dict) else set()
-    if not {"prototypes", "target_encoder.cls_token"} <= keys or "hyper_parameters" not in state:
-        found = sorted(state)[:8] if isinstance(state, dict) else type(state).__name__
-        raise ValueError(
-            f"ckpt={str(path)!r} is not an msn-lightning pre-training checkpoint (expected a Lightning "
-            f"checkpoint with target_encoder.* and prototypes; found {found})"
-        )
-    model = MSNModule(**state["hyper_parameters"])
-    model.load_state_dict(state["state_dict"])
-    return model.to(device).eval()
+    return msn_module(read_checkpoint(path), device, strict=strict)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -70,10 +63,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     if cfg.features is not None and cfg.features not in FEATURE_KINDS:
         raise ConfigError([f"features={cfg.features!r} is unknown; allowed: {', '.join(FEATURE_KINDS)}"])
-    model = load_checkpoint(cfg.ckpt, device)
-    if cfg.features is not None:
-        model.feature_kind = cfg.features
-    encoder = model.hparams.encoder
+    if cfg.mode == "finetune" and (problems := check_finetune_config(cfg.finetune)):
+        raise ConfigError(problems)
+    ckpt = read_checkpoint(cfg.ckpt)
+    encoder = ckpt.encoder_kwargs
     if cfg.data.in_chans != encoder["in_chans"]:
         raise ConfigError(
             [
@@ -85,6 +78,22 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     datamodule = instantiate(cfg.data, eval_img_size=encoder["img_size"], _convert_="all")
     train_ds, test_ds = datamodule.eval_datasets()  # ValueError with a clear message if unlabeled
     output_dir = Path(cfg.output_dir)
+    if cfg.mode == "finetune":
+        result = run_finetune(
+            ckpt,
+            datamodule,
+            cfg.finetune,
+            seed=cfg.seed,
+            accelerator=device.type,
+            output_dir=output_dir,
+            strict=cfg.strict,
+        )
+        table = finetune_summary(result, cfg.data.name)
+        print("\n" + table, flush=True)
+        return {"output_dir": str(output_dir), "report": table, "result": result}
+    model = msn_module(ckpt, device, strict=cfg.strict)
+    if cfg.features is not None:
+        model.feature_kind = cfg.features
     cache = None
     if cfg.cache_dir:
         # Everything that determines the features; loader settings (workers, batch) do not.
@@ -92,7 +101,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         for key in ("batch_size", "num_workers", "pin_memory", "persistent_workers", "transform"):
             data.pop(key, None)
         fingerprint = {
-            "ckpt": file_fingerprint(cfg.ckpt),
+            "ckpt": file_fingerprint(ckpt.weights_file),
             "data": data,
             "eval_img_size": encoder["img_size"],
             "features": model.feature_kind,
