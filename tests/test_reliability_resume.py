@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from itertools import islice
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -100,29 +101,25 @@ def _fake_trainer(epoch: int, batch_idx: int, batches: int) -> SimpleNamespace:
 
 
 def _datamodule() -> MSNDataModule:
-    return MSNDataModule(name="digits", in_chans=1, batch_size=64, transform=dict(SMALL), eval_img_size=16)
+    return MSNDataModule(name="digits", in_chans=1, batch_size=16, transform=dict(SMALL), eval_img_size=16)
 
 
 def test_datamodule_state_continues_with_the_next_batch():
     dm = _datamodule()
-    dm.trainer = _fake_trainer(epoch=1, batch_idx=4, batches=21)  # 5 batches of epoch 1 done
+    dm.trainer = _fake_trainer(epoch=1, batch_idx=4, batches=84)  # 5 batches of epoch 1 done
     state = dm.state_dict()
-    assert state == {"epoch": 1, "batches_done": 5, "batch_size": 64, "world_size": 1}
+    assert state == {"epoch": 1, "batches_done": 5, "batch_size": 16, "world_size": 1}
     loader = dm.train_dataloader()
     loader.sampler.set_epoch(1)
-    expected = [views[0] for views, _ in loader][5:8]
+    expected = [views[0] for views, _ in islice(loader, 8)][5:]
 
     resumed = _datamodule()
-    resumed.trainer = _fake_trainer(epoch=0, batch_idx=-1, batches=21)
+    resumed.trainer = _fake_trainer(epoch=0, batch_idx=-1, batches=84)
     resumed.load_state_dict(state)
-    got = []
-    for views, _ in resumed.train_dataloader():
-        got.append(views[0])
-        if len(got) == 3:
-            break
+    got = [views[0] for views, _ in islice(resumed.train_dataloader(), 3)]
     assert all(torch.equal(a, b) for a, b in zip(expected, got, strict=True))
     # Saved after the last batch of an epoch: the next epoch's start.
-    dm.trainer = _fake_trainer(epoch=1, batch_idx=20, batches=21)
+    dm.trainer = _fake_trainer(epoch=1, batch_idx=83, batches=84)
     assert dm.state_dict()["epoch"] == 2 and dm.state_dict()["batches_done"] == 0
 
 
