@@ -9,6 +9,7 @@ patch tokens is dropped from the anchor view before the transformer blocks run.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -142,6 +143,7 @@ def encode(
     mask_ratio: float = 0.0,
     mask_mode: str = "shared",
     generator: torch.Generator | None = None,
+    keep_idx: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """MSN encoder forward with optional random patch dropping.
 
@@ -153,18 +155,93 @@ def encode(
         mask_mode: ``"shared"`` (one permutation for the whole batch, official) or
             ``"per_sample"`` (an independent subset per image).
         generator: optional RNG for the mask.
+        keep_idx: the patches to keep, (K,) for the whole batch or (B, K) per image, instead of a
+            random draw (``mask_ratio``, ``mask_mode`` and ``generator`` are then ignored).
 
     Returns:
         ``(cls_prenorm, cls)``: the class token before and after the final LayerNorm, (B, D) each.
         The projection head consumes ``cls``; the official evaluation protocol uses ``cls_prenorm``.
     """
     x = embed_tokens(vit, images)
-    if mask_ratio > 0:
+    if keep_idx is not None:
+        x = apply_keep_indices(x, keep_idx.to(x.device))
+    elif mask_ratio > 0:
         n = x.shape[1] - 1
         keep = sample_keep_indices(x.shape[0], n, num_kept(n, mask_ratio), mask_mode, x.device, generator)
         x = apply_keep_indices(x, keep)
     x = forward_tokens(vit, x)
     cls_prenorm = x[:, 0]
+    return cls_prenorm, vit.norm(cls_prenorm)
+
+
+def num_patches(vit: VisionTransformer, height: int, width: int) -> int:
+    """Patch tokens of an image of ``height x width`` (trailing rows/columns short of a patch dropped)."""
+    p = vit.patch_embed.patch_size[0]
+    return (height // p) * (width // p)
+
+
+def block_diagonal_mask(lengths: Sequence[int], device: torch.device | str | None = None) -> Tensor:
+    """Boolean attention mask (L, L), ``L = sum(lengths)``: True where query and key share a block.
+
+    Token ``i`` of a packed sequence may attend to token ``j`` only inside its own view, so each
+    view is encoded exactly as on its own (``F.scaled_dot_product_attention`` convention: True =
+    take part in attention).
+    """
+    ids = torch.repeat_interleave(
+        torch.arange(len(lengths), device=device), torch.tensor(list(lengths), device=device)
+    )
+    return ids.unsqueeze(0) == ids.unsqueeze(1)
+
+
+def encode_packed(
+    vit: VisionTransformer,
+    groups: Sequence[tuple[Tensor, Tensor | None]],
+    batch_size: int,
+) -> tuple[Tensor, Tensor]:
+    """All views of each image in ONE transformer call: the packed multi-crop forward.
+
+    The separate forward (:func:`encode` once per crop size) runs the blocks once per group of
+    views; here the (masked) tokens of every view of an image are concatenated into one sequence
+    and a block-diagonal attention mask keeps the views apart, so the blocks run once, on bigger
+    matrices, whatever the number of crop sizes. The result equals the separate forwards up to
+    floating-point rounding; the price is attention over the packed length (masked-out pairs are
+    still computed by dense attention kernels).
+
+    Args:
+        vit: the encoder.
+        groups: ``(images, keep_idx)`` per crop size: ``images`` (V*B, C, H, W), V views of the same
+            B images, view-major (as ``torch.cat`` of the per-view batches); ``keep_idx`` None
+            (no masking), (K,) or (V*B, K) as in :func:`encode`.
+        batch_size: B, images per view.
+
+    Returns:
+        ``(cls_prenorm, cls)``, each (sum of V*B over the groups, D): the class tokens in group
+        order, view-major inside a group, i.e. the concatenation of the :func:`encode` outputs.
+    """
+    if not groups:
+        raise ValueError("encode_packed needs at least one group of views")
+    per_image, lengths, cls_pos, start = [], [], [], 0
+    for images, keep_idx in groups:
+        if images.shape[0] % batch_size:
+            raise ValueError(
+                f"a group of {images.shape[0]} images is not a whole number of views of {batch_size} images"
+            )
+        views = images.shape[0] // batch_size
+        x = embed_tokens(vit, images)
+        if keep_idx is not None:
+            x = apply_keep_indices(x, keep_idx.to(x.device))
+        length = x.shape[1]
+        # (V*B, T, D) -> (B, V*T, D): the V views of image i side by side in one sequence.
+        per_image.append(x.unflatten(0, (views, batch_size)).transpose(0, 1).flatten(1, 2))
+        lengths += [length] * views
+        cls_pos += [start + v * length for v in range(views)]
+        start += views * length
+    x = vit.norm_pre(torch.cat(per_image, dim=1))
+    mask = block_diagonal_mask(lengths, x.device)
+    for block in vit.blocks:
+        x = block(x, attn_mask=mask)
+    # Class tokens (B, total views, D) -> view-major (total views * B, D).
+    cls_prenorm = x[:, cls_pos].transpose(0, 1).flatten(0, 1)
     return cls_prenorm, vit.norm(cls_prenorm)
 
 
@@ -204,10 +281,13 @@ __all__ = [
     "FEATURE_KINDS",
     "VIT_SIZES",
     "ViTSize",
+    "block_diagonal_mask",
     "build_vit",
     "embed_tokens",
     "encode",
+    "encode_packed",
     "extract",
     "forward_tokens",
+    "num_patches",
     "pos_embed_for",
 ]

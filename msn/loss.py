@@ -158,8 +158,8 @@ class MSNLoss(nn.Module):
             uniform ``pi`` this is exactly ``R = sum_k pbar_k log pbar_k + log K``.
         power_law_exponent: exponent ``a`` of ``pi_k ∝ k^(-a)``.
 
-    Forward returns an ``MSNLossOutput``; all loss math runs in float32 regardless of the
-    input dtype or an enclosing autocast region.
+    Forward returns an ``MSNLossOutput``; all loss math runs in float32 (float64 for float64
+    inputs) regardless of the input dtype or an enclosing autocast region.
 
     In a distributed run ``pbar`` is the mean over all ranks (each rank must pass the same
     number of images) and Sinkhorn normalises over the global batch; the per-rank loss is
@@ -272,7 +272,9 @@ class MSNLoss(nn.Module):
             else nullcontext()
         )
         with ctx:
-            return self._compute(anchors.float(), targets.float(), prototypes.float(), sharpen_t)
+            # At least float32: half precision is promoted, float64 (exactness tests) is kept.
+            dtype = torch.promote_types(anchors.dtype, torch.float32)
+            return self._compute(anchors.to(dtype), targets.to(dtype), prototypes.to(dtype), sharpen_t)
 
     def _compute(
         self, anchors: Tensor, targets: Tensor, prototypes: Tensor, sharpen_t: float

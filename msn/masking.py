@@ -9,7 +9,9 @@ batching views of one size together).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -67,3 +69,51 @@ def apply_keep_indices(tokens: Tensor, keep_idx: Tensor) -> Tensor:
     else:
         kept = patches.gather(1, keep_idx.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
     return torch.cat([cls, kept], dim=1)
+
+
+def _mask_seed(*parts: int) -> int:
+    """A well-mixed 63-bit seed from non-negative integers (nearby keys give unrelated streams)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def seeded_keep_indices(
+    seed: int,
+    key: Sequence[int],
+    views: int,
+    batch_size: int,
+    num_patches: int,
+    keep: int,
+    mode: str = "shared",
+    rank: int = 0,
+    world_size: int = 1,
+) -> Tensor:
+    """Keep indices as a pure function of ``(seed, key, rank)``: no global random state is used.
+
+    ``key`` names the draw (e.g. ``(step, batch_idx, group)``), so a resumed run draws the very same
+    masks, and ranks can be told apart without seeding them differently.
+
+    - ``shared``: one subset for the rank's whole group of ``views * batch_size`` images, drawn
+      from ``(seed, key, rank)``: every rank gets its own subset (as every process of the official
+      code draws its own permutation). Returns (keep,).
+    - ``per_sample``: one subset per image, drawn for the *global* batch from ``(seed, key)`` and
+      sliced for this rank. Local image ``i`` of rank ``r`` sits at global position ``i * W + r``,
+      the interleaving of :class:`~torch.utils.data.DistributedSampler`, so W processes with B
+      images each draw exactly the masks that one process with W*B images (same data order) draws.
+      Returns (views * batch_size, keep), view-major like the images.
+
+    Indices are sorted (raster order) and live on the CPU.
+    """
+    if mode not in MASK_MODES:
+        raise ValueError(f"mask_mode={mode!r} is unknown; allowed: {', '.join(MASK_MODES)}")
+    if not 1 <= keep <= num_patches:
+        raise ValueError(f"keep={keep} must be in [1, {num_patches}]")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} must be in [0, {world_size})")
+    g = torch.Generator()
+    if mode == "shared":
+        g.manual_seed(_mask_seed(seed, 0, *key, rank))
+        return torch.randperm(num_patches, generator=g)[:keep].sort().values
+    g.manual_seed(_mask_seed(seed, 1, *key))
+    noise = torch.rand(views, batch_size * world_size, num_patches, generator=g)
+    local = noise[:, rank::world_size].reshape(views * batch_size, num_patches)
+    return local.argsort(dim=1)[:, :keep].sort(dim=1).values

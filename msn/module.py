@@ -15,13 +15,16 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
+from torch.distributed.fsdp import FullyShardedDataParallel
 
 from msn import backbone, distributed
 from msn.ema import ema_update_
 from msn.head import ProjectionHead, init_prototypes
 from msn.loss import MSNLoss
-from msn.masking import MASK_MODES
+from msn.masking import MASK_MODES, num_kept, sample_keep_indices, seeded_keep_indices
 from msn.schedules import linear_at, lr_at, wd_at
 
 DEFAULT_ENCODER: dict[str, Any] = {"arch": "vit_small", "patch_size": 16, "img_size": 224, "in_chans": 3}
@@ -79,6 +82,22 @@ class MSNModule(L.LightningModule):
         prototypes_grad: ``sum`` (official: prototype gradients summed over ranks) or ``mean``
             (what DDP does by itself).
         features: which token :meth:`features` returns for evaluation (``cls_prenorm`` official).
+        mask_seed: ``None`` (default): masks are drawn from the global random state, as the
+            official code does. An integer: masks are a pure function of (seed, step, batch,
+            rank) (:func:`msn.masking.seeded_keep_indices`): every rank draws its own masks even
+            when all ranks were seeded alike (Lightning seeds every process with the same seed),
+            a resumed run redraws the same ones, and with ``mask_mode=per_sample`` W processes
+            with B images draw exactly the masks of one process with W*B images.
+        packed_views: encode the masked anchor views and all focal views of an image in ONE
+            encoder call, tokens concatenated, attention kept inside each view by a
+            block-diagonal mask (:func:`msn.backbone.encode_packed`); default: one call per crop
+            size (official). Same result up to float rounding.
+        compile: ``torch.compile`` the encoder forwards (``True`` = inductor, or a backend name
+            such as ``"aot_eager"``). Shapes are static (fixed keep counts), so each crop size
+            compiles once.
+        sync_bn: with more than one process, the heads' BatchNorm uses the statistics of the
+            global batch (:class:`msn.distributed.SyncBatchNorm1d`, GPUs and CPUs alike), as the
+            official code's SyncBatchNorm. No effect in a single process.
     """
 
     def __init__(
@@ -96,6 +115,10 @@ class MSNModule(L.LightningModule):
         optim: Mapping[str, Any] | None = None,
         prototypes_grad: str = "sum",
         features: str = "cls_prenorm",
+        mask_seed: int | None = None,
+        packed_views: bool = False,
+        compile: bool | str = False,
+        sync_bn: bool = True,
     ) -> None:
         super().__init__()
         encoder_cfg = _merged(DEFAULT_ENCODER, encoder, "encoder", allowed=_BUILD_VIT_ARGS)
@@ -112,6 +135,12 @@ class MSNModule(L.LightningModule):
         if features not in backbone.FEATURE_KINDS:
             allowed = ", ".join(backbone.FEATURE_KINDS)
             raise ValueError(f"model.features={features!r} is unknown; allowed: {allowed}")
+        if mask_seed is not None and (
+            isinstance(mask_seed, bool) or not isinstance(mask_seed, int) or mask_seed < 0
+        ):
+            raise ValueError(f"model.mask_seed={mask_seed!r} must be null or an integer >= 0")
+        if not isinstance(compile, (bool, str)) or compile == "":
+            raise ValueError(f"model.compile={compile!r} must be true, false or a torch.compile backend name")
         self.save_hyperparameters()
 
         self.encoder = backbone.build_vit(**encoder_cfg)
@@ -130,6 +159,14 @@ class MSNModule(L.LightningModule):
         self.sharpen_range = tuple(float(v) for v in sharpen)
         self.prototypes_grad = prototypes_grad
         self.feature_kind = features
+        self.mask_seed = mask_seed
+        self.packed_views = bool(packed_views)
+        self.compile_backend: str | None = ("inductor" if compile is True else compile) or None
+        self.sync_bn = bool(sync_bn)
+        # The encoder forwards; replaced by their torch.compile'd versions in setup() when asked.
+        self._encode = backbone.encode
+        self._encode_packed = backbone.encode_packed
+        self._batch_idx = 0
         self._momentum = self.ema_range[0]
         self._last_batch_time: float | None = None
 
@@ -162,27 +199,92 @@ class MSNModule(L.LightningModule):
             "sharpen_temperature": linear_at(step, total, *self.sharpen_range, scale=scale),
         }
 
+    # ------------------------------------------------------------------ set-up
+    def setup(self, stage: str) -> None:
+        if stage != "fit":
+            return
+        world = self.trainer.world_size
+        if world > 1 and self.sync_bn:
+            if getattr(self.trainer.strategy, "_layer_sync", None) is not None and (
+                self.trainer.strategy.root_device.type == "cpu"
+            ):
+                raise ValueError(
+                    "trainer.sync_batchnorm=true converts to torch.nn.SyncBatchNorm, which only runs on "
+                    "GPUs; the module synchronises its heads itself (model.sync_bn): set "
+                    "trainer.sync_batchnorm=false"
+                )
+            distributed.sync_batchnorm(self.head)
+            distributed.sync_batchnorm(self.target_head)
+        if world > 1 and self.mask_seed is None:
+            rank_zero_warn(
+                "model.mask_seed=null with several processes: masks come from the global random state, "
+                "which is the same on every rank when all ranks were seeded alike; set model.mask_seed "
+                "(the training config does) so each rank draws its own masks"
+            )
+        if self.compile_backend is not None:
+            self._encode = torch.compile(backbone.encode, backend=self.compile_backend)
+            self._encode_packed = torch.compile(backbone.encode_packed, backend=self.compile_backend)
+
+    def teardown(self, stage: str) -> None:
+        # Back to plain BatchNorm1d: after fit (evaluation in a single process) nothing syncs.
+        distributed.revert_sync_batchnorm(self.head)
+        distributed.revert_sync_batchnorm(self.target_head)
+
     # ------------------------------------------------------------------ forward
+    def _keep_indices(self, group: int, images: Tensor, mask_ratio: float, batch_size: int) -> Tensor | None:
+        """Patches to keep for one group of views (V*B, C, H, W); None when nothing is masked.
+
+        Shapes as :func:`msn.backbone.encode`: (K,) in ``shared`` mode, (V*B, K) in ``per_sample``.
+        """
+        if mask_ratio <= 0:
+            return None
+        n = backbone.num_patches(self.encoder, *images.shape[-2:])
+        keep = num_kept(n, mask_ratio)
+        if self.mask_seed is None:
+            # The global random state, the very draw encode() itself would make.
+            return sample_keep_indices(images.shape[0], n, keep, self.mask_mode, images.device)
+        # Keyed by the optimizer step (restored exactly on resume) and the micro-batch inside it.
+        micro = self._batch_idx % self.trainer.accumulate_grad_batches if self._trainer is not None else 0
+        idx = seeded_keep_indices(
+            self.mask_seed,
+            (self.global_step, micro, group),
+            images.shape[0] // batch_size,
+            batch_size,
+            n,
+            keep,
+            self.mask_mode,
+            distributed.rank(),
+            distributed.world_size(),
+        )
+        return idx.to(images.device, non_blocking=True)
+
     def anchor_projections(self, anchor_views: Sequence[Tensor]) -> Tensor:
         """Projections (B*V, d) of the anchor views, view-major.
 
-        Views of one size go through the encoder in one call (the official multi-crop trick);
-        the head then sees all anchor views at once so its BatchNorm statistics are shared.
+        Views of one size go through the encoder in one call (the official multi-crop trick), or
+        all views of an image in one call with ``packed_views``; the head then sees all anchor
+        views at once so its BatchNorm statistics are shared.
         """
-        full = torch.cat(list(anchor_views[: self.rand_views]))
-        focal = anchor_views[self.rand_views :]
-        _, h = backbone.encode(self.encoder, full, self.mask_ratio, self.mask_mode)
-        outputs = [h]
-        if focal:
+        batch_size = anchor_views[0].shape[0]
+        groups = [(torch.cat(list(anchor_views[: self.rand_views])), self.mask_ratio)]
+        if len(anchor_views) > self.rand_views:
             focal_ratio = self.mask_ratio if self.mask_focal else 0.0
-            _, h_focal = backbone.encode(self.encoder, torch.cat(list(focal)), focal_ratio, self.mask_mode)
-            outputs.append(h_focal)
+            groups.append((torch.cat(list(anchor_views[self.rand_views :])), focal_ratio))
+        if self.packed_views:
+            packed = [(x, self._keep_indices(g, x, r, batch_size)) for g, (x, r) in enumerate(groups)]
+            _, h = self._encode_packed(self.encoder, packed, batch_size)
+            return self.head(h)
+        outputs = []
+        for g, (x, r) in enumerate(groups):
+            # Drawn right before its forward, so the random draws happen in the official order.
+            keep = self._keep_indices(g, x, r, batch_size)
+            outputs.append(self._encode(self.encoder, x, keep_idx=keep)[1])
         return self.head(torch.cat(outputs))
 
     @torch.no_grad()
     def target_projections(self, target_view: Tensor) -> Tensor:
         """Projections (B, d) of the unmasked target view by the EMA network (train-mode BN)."""
-        _, h = backbone.encode(self.target_encoder, target_view)
+        _, h = self._encode(self.target_encoder, target_view)
         return self.target_head(h)
 
     @torch.no_grad()
@@ -205,6 +307,7 @@ class MSNModule(L.LightningModule):
     # ------------------------------------------------------------------ training
     def training_step(self, batch: tuple[list[Tensor], Tensor], batch_idx: int) -> Tensor:
         views, _ = batch
+        self._batch_idx = batch_idx
         if len(views) < 1 + self.rand_views:
             raise ValueError(
                 f"batch has {len(views)} views; MSN needs a target view and model.rand_views="
@@ -267,15 +370,34 @@ class MSNModule(L.LightningModule):
         clip = self.optim_cfg["clip_grad"]
         if clip and clip > 0:
             params = [*self.encoder.parameters(), *self.head.parameters()]
-            torch.nn.utils.clip_grad_norm_(params, clip)
+            # Under FSDP every rank holds a shard of each gradient: the norm is summed over ranks.
+            distributed.clip_grad_norm_(params, clip, sharded=self._fsdp_root() is not None)
+
+    def _fsdp_root(self) -> nn.Module | None:
+        """The root FSDP module when the trainer shards this module with FSDP, else None."""
+        trainer = self._trainer
+        if trainer is None or not isinstance(trainer.strategy, FSDPStrategy):
+            return None
+        return trainer.strategy.model
 
     def optimizer_step(
         self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None
     ) -> None:
         optimizer.step(closure=optimizer_closure)
         # EMA after every optimizer step, with the momentum of the step that just ran.
-        ema_update_(self.target_encoder, self.encoder, self._momentum)
-        ema_update_(self.target_head, self.head, self._momentum)
+        root = self._fsdp_root()
+        if root is None:
+            ema_update_(self.target_encoder, self.encoder, self._momentum)
+            ema_update_(self.target_head, self.head, self._momentum)
+            return
+        # FSDP (configs/trainer/fsdp.yaml wraps every Block and each head as its own unit): the
+        # shards of an encoder unit and of its target twin line up element for element, but the
+        # parameters left in the root unit (class token, position table, patch embedding, final
+        # norm, prototypes) sit at different offsets of one flat shard. Gathering the root alone
+        # (recurse=False, small) makes those whole while the blocks stay sharded.
+        with FullyShardedDataParallel.summon_full_params(root, recurse=False, writeback=True):
+            ema_update_(self.target_encoder, self.encoder, self._momentum)
+            ema_update_(self.target_head, self.head, self._momentum)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """AdamW with the official groups: decayed weights; biases and 1-D params; prototypes."""
