@@ -1,0 +1,193 @@
+"""Speed options of MSNModule: torch.compile, bf16-mixed (loss in float32), fused attention, fused AdamW.
+
+Tests whose name contains ``cuda`` need a GPU (``benchmarks/gpu_check.sh`` runs them); they are
+skipped elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from msn.module import MSNModule
+
+B, VIEWS = 4, (16, 16, 8, 8)  # target, one masked anchor, two focal views
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+class RandomViews(Dataset):
+    def __len__(self) -> int:
+        return 3 * B
+
+    def __getitem__(self, i: int):
+        g = torch.Generator().manual_seed(i)
+        return [torch.randn(1, s, s, generator=g) for s in VIEWS], 0
+
+
+class RecordingMSN(MSNModule):
+    """Records the loss of every step and the dtypes the loss saw."""
+
+    def on_fit_start(self) -> None:
+        self.losses: list[torch.Tensor] = []
+        self.dtypes: list[tuple[torch.dtype, torch.dtype, torch.dtype]] = []
+        criterion = self.criterion
+
+        def recording(anchors, targets, prototypes, **kw):
+            out = type(criterion).forward(criterion, anchors, targets, prototypes, **kw)
+            self.dtypes.append((anchors.dtype, targets.dtype, out.loss.dtype))
+            return out
+
+        criterion.forward = recording
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.losses.append(loss.detach().float().cpu())
+        return loss
+
+
+def _module(**kw) -> RecordingMSN:
+    torch.manual_seed(0)
+    return RecordingMSN(
+        encoder={"arch": "vit_nano", "patch_size": 4, "img_size": 16, "in_chans": 1},
+        head={"hidden_dim": 32, "out_dim": 16},
+        num_prototypes=10,
+        mask_ratio=0.3,
+        mask_seed=3,
+        optim={"warmup_epochs": 1},
+        **kw,
+    )
+
+
+def _fit(model: MSNModule, steps: int = 2, accelerator: str = "cpu", **trainer_kw) -> MSNModule:
+    trainer = L.Trainer(
+        max_steps=steps,
+        max_epochs=1,
+        accelerator=accelerator,
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **trainer_kw,
+    )
+    trainer.fit(model, DataLoader(RandomViews(), batch_size=B, drop_last=True))
+    return model
+
+
+# Runs compared parameter by parameter are float64: Adam divides every gradient by its own RMS,
+# so rounding noise in gradients that are exactly zero in exact arithmetic (biases before
+# BatchNorm, the key bias of attention) would become visible float32 parameter differences.
+EXACT = "64-true"
+
+
+def _assert_same_run(a: MSNModule, b: MSNModule, tol: float) -> None:
+    torch.testing.assert_close(torch.stack(a.losses), torch.stack(b.losses), rtol=tol, atol=tol)
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(p.float().cpu(), q.float().cpu(), rtol=tol, atol=tol, msg=name)
+
+
+def test_encoders_use_fused_scaled_dot_product_attention():
+    model = _module()
+    assert all(block.attn.fused_attn for block in model.encoder.blocks)
+    assert all(block.attn.fused_attn for block in model.target_encoder.blocks)
+
+
+@pytest.mark.parametrize("value", [1, "", None])
+def test_bad_compile_option(value):
+    with pytest.raises(ValueError, match="model.compile"):
+        _module(compile=value)
+
+
+def test_bf16_mixed_runs_the_encoders_in_bf16_and_the_loss_in_float32():
+    model = _fit(_module(), precision="bf16-mixed")
+    assert len(model.dtypes) == 2
+    for anchors, targets, loss in model.dtypes:
+        assert (anchors, targets, loss) == (torch.bfloat16, torch.bfloat16, torch.float32)
+    assert all(torch.isfinite(loss) for loss in model.losses)
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # fp32 master weights
+    # Close to the fp32 run: bf16 changes rounding, not the computation.
+    reference = _fit(_module())
+    torch.testing.assert_close(torch.stack(model.losses), torch.stack(reference.losses), rtol=0.05, atol=0.05)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("packed", [False, True])
+def test_compiled_encoders_train_like_eager(packed):
+    """Through Lightning (setup compiles): 2 steps with torch.compile equal 2 eager steps.
+
+    ``aot_eager`` traces forward and backward exactly as inductor does, without generating C++,
+    so it checks the compile wiring in seconds; the inductor run is the next test.
+    """
+    eager = _fit(_module(packed_views=packed), precision=EXACT)
+    compiled = _fit(_module(packed_views=packed, compile="aot_eager"), precision=EXACT)
+    assert compiled._encode is not eager._encode
+    _assert_same_run(compiled, eager, tol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    shutil.which("g++") is None and shutil.which("c++") is None, reason="inductor needs a C++ compiler"
+)
+@pytest.mark.skipif(
+    os.environ.get("MSN_TEST_INDUCTOR") != "1",
+    reason="a fresh inductor compile takes minutes on a small CPU; set MSN_TEST_INDUCTOR=1",
+)
+def test_inductor_compiled_packed_step_matches_eager():
+    """One real inductor compile (C++ kernels on CPU): packed views, 1 step.
+
+    Opt-in: 1-4 minutes of C++ compilation on a 2-core machine (the compile wiring itself is
+    checked by the aot_eager test above; the GPU check runs inductor on CUDA).
+    """
+    eager = _fit(_module(packed_views=True), steps=1, precision=EXACT)
+    compiled = _fit(_module(packed_views=True, compile=True), steps=1, precision=EXACT)
+    _assert_same_run(compiled, eager, tol=1e-5)
+
+
+# --------------------------------------------------------------------------------------
+# GPU (benchmarks/gpu_check.sh)
+# --------------------------------------------------------------------------------------
+
+
+@needs_cuda
+def test_cuda_fused_adamw_and_bf16_step():
+    model = _fit(_module(), accelerator="gpu", precision="bf16-mixed")
+    opt = model.configure_optimizers()
+    assert opt.defaults["fused"] is True
+    for anchors, _, loss in model.dtypes:
+        assert anchors == torch.bfloat16 and loss == torch.float32
+    assert all(torch.isfinite(loss) for loss in model.losses)
+
+
+@needs_cuda
+def test_cuda_packed_equals_separate():
+    eager = _fit(_module(), accelerator="gpu", precision=EXACT)
+    packed = _fit(_module(packed_views=True), accelerator="gpu", precision=EXACT)
+    _assert_same_run(packed, eager, tol=1e-5)
+
+
+@needs_cuda
+def test_cuda_inductor_compiled_step_matches_eager():
+    eager = _fit(_module(packed_views=True), accelerator="gpu", precision=EXACT)
+    compiled = _fit(_module(packed_views=True, compile=True), accelerator="gpu", precision=EXACT)
+    _assert_same_run(compiled, eager, tol=1e-5)
+
+
+@needs_cuda
+def test_cuda_fsdp_single_gpu_step():
+    """The FSDP wiring (root-unit EMA gather, sharded clipping) on one GPU: the EMA target moves."""
+    from lightning.pytorch.strategies import FSDPStrategy
+    from timm.models.vision_transformer import Block
+
+    from msn.head import ProjectionHead
+
+    model = _module()
+    start = model.target_encoder.cls_token.detach().clone()
+    strategy = FSDPStrategy(auto_wrap_policy={Block, ProjectionHead})
+    _fit(model, accelerator="gpu", strategy=strategy)
+    assert all(torch.isfinite(loss) for loss in model.losses)
+    assert not torch.equal(model.target_encoder.cls_token.detach().cpu(), start)
