@@ -88,10 +88,11 @@ class MSNModule(L.LightningModule):
             when all ranks were seeded alike (Lightning seeds every process with the same seed),
             a resumed run redraws the same ones, and with ``mask_mode=per_sample`` W processes
             with B images draw exactly the masks of one process with W*B images.
-        packed_views: encode the masked anchor views and all focal views of an image in ONE
-            encoder call, tokens concatenated, attention kept inside each view by a
-            block-diagonal mask (:func:`msn.backbone.encode_packed`); default: one call per crop
-            size (official). Same result up to float rounding.
+        packed_views: encode the masked anchor views and all focal views in ONE encoder pass,
+            tokens concatenated, attention kept inside each view
+            (:func:`msn.backbone.encode_packed`): ``true``/``"segments"`` (attention per crop
+            size, no wasted pairs) or ``"mask"`` (one sequence per image, block-diagonal mask);
+            default ``false``: one call per crop size (official). Same result up to rounding.
         compile: ``torch.compile`` the encoder forwards (``True`` = inductor, or a backend name
             such as ``"aot_eager"``). Shapes are static (fixed keep counts), so each crop size
             compiles once.
@@ -116,7 +117,7 @@ class MSNModule(L.LightningModule):
         prototypes_grad: str = "sum",
         features: str = "cls_prenorm",
         mask_seed: int | None = None,
-        packed_views: bool = False,
+        packed_views: bool | str = False,
         compile: bool | str = False,
         sync_bn: bool = True,
     ) -> None:
@@ -139,6 +140,9 @@ class MSNModule(L.LightningModule):
             isinstance(mask_seed, bool) or not isinstance(mask_seed, int) or mask_seed < 0
         ):
             raise ValueError(f"model.mask_seed={mask_seed!r} must be null or an integer >= 0")
+        if not (isinstance(packed_views, bool) or packed_views in backbone.PACKED_ATTENTION):
+            allowed = ", ".join(map(str, (False, True, *backbone.PACKED_ATTENTION)))
+            raise ValueError(f"model.packed_views={packed_views!r} is unknown; allowed: {allowed}")
         if not isinstance(compile, (bool, str)) or compile == "":
             raise ValueError(f"model.compile={compile!r} must be true, false or a torch.compile backend name")
         self.save_hyperparameters()
@@ -160,7 +164,10 @@ class MSNModule(L.LightningModule):
         self.prototypes_grad = prototypes_grad
         self.feature_kind = features
         self.mask_seed = mask_seed
-        self.packed_views = bool(packed_views)
+        # None: separate forwards; else the attention layout of the packed forward.
+        self.packed_attention: str | None = (
+            ("segments" if packed_views is True else packed_views) if packed_views else None
+        )
         self.compile_backend: str | None = ("inductor" if compile is True else compile) or None
         self.sync_bn = bool(sync_bn)
         # The encoder forwards; replaced by their torch.compile'd versions in setup() when asked.
@@ -222,8 +229,17 @@ class MSNModule(L.LightningModule):
                 "(the training config does) so each rank draws its own masks"
             )
         if self.compile_backend is not None:
-            self._encode = torch.compile(backbone.encode, backend=self.compile_backend)
-            self._encode_packed = torch.compile(backbone.encode_packed, backend=self.compile_backend)
+            self.compile_encoders(self.compile_backend)
+
+    def compile_encoders(self, backend: str = "inductor") -> None:
+        """``torch.compile`` the encoder forwards (anchor, focal, packed and target calls).
+
+        Called by :meth:`setup` when ``compile`` is set (in every process, after spawning, so no
+        compiled function is ever pickled). The state dict is untouched (the modules themselves
+        are not wrapped). Each input shape compiles once; shapes are static.
+        """
+        self._encode = torch.compile(backbone.encode, backend=backend)
+        self._encode_packed = torch.compile(backbone.encode_packed, backend=backend)
 
     def teardown(self, stage: str) -> None:
         # Back to plain BatchNorm1d: after fit (evaluation in a single process) nothing syncs.
@@ -270,9 +286,9 @@ class MSNModule(L.LightningModule):
         if len(anchor_views) > self.rand_views:
             focal_ratio = self.mask_ratio if self.mask_focal else 0.0
             groups.append((torch.cat(list(anchor_views[self.rand_views :])), focal_ratio))
-        if self.packed_views:
+        if self.packed_attention is not None:
             packed = [(x, self._keep_indices(g, x, r, batch_size)) for g, (x, r) in enumerate(groups)]
-            _, h = self._encode_packed(self.encoder, packed, batch_size)
+            _, h = self._encode_packed(self.encoder, packed, batch_size, self.packed_attention)
             return self.head(h)
         outputs = []
         for g, (x, r) in enumerate(groups):

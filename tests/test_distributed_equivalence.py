@@ -12,6 +12,9 @@ statistics) agree to 1e-5.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -299,3 +302,37 @@ def test_hparams_search_config_is_a_multirun_over_mask_ratio_and_prototypes():
     assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
     assert set(cfg.hydra.sweeper.params) == {"model.mask_ratio", "model.num_prototypes"}
     assert cfg.name == "digits_sweep" and cfg.data.name == "digits"
+
+
+@pytest.mark.slow
+def test_multirun_with_two_processes_per_job_writes_each_job_to_its_own_folder(tmp_path):
+    """``--multirun`` over 2 values, 2 gloo processes per job, started from inside each job.
+
+    ``ddp_fork`` instead of the ``ddp_spawn`` of ``trainer=ddp_cpu`` only to skip the fresh
+    imports of spawned processes; both start the processes from inside the job.
+    """
+    cmd = [
+        sys.executable,
+        str(Path(CONFIG_DIR).parent / "train.py"),
+        "--multirun",
+        f"hydra.sweep.dir={tmp_path}",
+        "trainer=ddp_cpu",
+        "trainer.strategy=ddp_fork",
+        "trainer.max_steps=2",
+        "trainer.max_epochs=1",
+        "trainer.enable_progress_bar=false",
+        "data.batch_size=8",
+        "model.head.hidden_dim=64",
+        "model.num_prototypes=32",
+        "lowshot.enabled=false",
+        "model.mask_ratio=0.1,0.2",
+    ]
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo"}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for job, ratio in ((0, 0.1), (1, 0.2)):
+        run_dir = tmp_path / str(job)
+        assert f"model.mask_ratio={ratio}" in (run_dir / ".hydra" / "overrides.yaml").read_text()
+        state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+        assert state["global_step"] == 2 and state["hyper_parameters"]["mask_ratio"] == ratio
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["0", "1"]

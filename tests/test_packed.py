@@ -36,16 +36,17 @@ def _grads(vit, out):
     return torch.autograd.grad(loss, [p for p in vit.parameters()], allow_unused=True)
 
 
+@pytest.mark.parametrize("attention", ["segments", "mask"])
 @pytest.mark.parametrize(
     ("mode", "rand_views", "mask_focal"),
     [("shared", 1, False), ("per_sample", 1, False), ("per_sample", 2, True), ("shared", 2, True)],
 )
-def test_packed_equals_separate_forwards_values_and_gradients(mode, rand_views, mask_focal):
+def test_packed_equals_separate_forwards_values_and_gradients(mode, rand_views, mask_focal, attention):
     vit = _vit()
     groups = _groups(mode, rand_views, mask_focal=mask_focal)
     separate = [backbone.encode(vit, x, keep_idx=keep) for x, keep in groups]
     pre_sep, cls_sep = (torch.cat(parts) for parts in zip(*separate))
-    pre_packed, cls_packed = backbone.encode_packed(vit, groups, B)
+    pre_packed, cls_packed = backbone.encode_packed(vit, groups, B, attention)
     assert cls_packed.shape == ((rand_views + 2) * B, vit.embed_dim)
     torch.testing.assert_close(pre_packed, pre_sep, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(cls_packed, cls_sep, rtol=1e-5, atol=1e-5)
@@ -58,14 +59,15 @@ def test_packed_equals_separate_forwards_values_and_gradients(mode, rand_views, 
         torch.testing.assert_close(g_packed, g_sep, rtol=1e-5, atol=1e-5, msg=name)
 
 
-def test_packed_views_do_not_see_each_other():
+@pytest.mark.parametrize("attention", ["segments", "mask"])
+def test_packed_views_do_not_see_each_other(attention):
     """Changing one focal view leaves every other view's class token unchanged."""
     vit = _vit().eval()
     groups = _groups("shared")
-    _, before = backbone.encode_packed(vit, groups, B)
+    _, before = backbone.encode_packed(vit, groups, B, attention)
     focal = groups[1][0].clone()
     focal[B + 1] = torch.randn_like(focal[B + 1])  # second focal view of image 1
-    _, after = backbone.encode_packed(vit, [groups[0], (focal, None)], B)
+    _, after = backbone.encode_packed(vit, [groups[0], (focal, None)], B, attention)
     changed = (after - before).abs().amax(dim=1) > 1e-6
     expected = torch.zeros(3 * B, dtype=torch.bool)
     expected[2 * B + 1] = True  # rows: B anchors, then focal view 0 (B rows), then focal view 1
@@ -86,6 +88,12 @@ def test_packed_rejects_a_group_that_is_not_whole_views():
         backbone.encode_packed(vit, [(torch.randn(4, 1, 16, 16), None)], B)
     with pytest.raises(ValueError, match="at least one group"):
         backbone.encode_packed(vit, [], B)
+    with pytest.raises(ValueError, match="attention='dense' is unknown"):
+        backbone.encode_packed(vit, _groups("shared"), B, "dense")
+    with pytest.raises(ValueError, match="model.packed_views"):
+        _module(packed_views="dense")
+    with pytest.raises(ValueError, match="drop_path_rate=0"):
+        backbone.encode_packed(_vit(drop_path_rate=0.1), _groups("shared"), B)
 
 
 def _module(**kw):
@@ -100,12 +108,14 @@ def _module(**kw):
     )
 
 
-@pytest.mark.parametrize("mode", ["shared", "per_sample"])
-def test_module_packed_views_gives_the_same_projections_and_gradients(mode):
+@pytest.mark.parametrize(
+    ("mode", "packed_views"), [("shared", True), ("per_sample", True), ("shared", "mask")]
+)
+def test_module_packed_views_gives_the_same_projections_and_gradients(mode, packed_views):
     g = torch.Generator().manual_seed(2)
     views = [torch.randn(B, 1, s, s, generator=g) for s in (16, 8, 8)]
     outs = []
-    for packed in (False, True):
+    for packed in (False, packed_views):
         model = _module(mask_mode=mode, packed_views=packed)
         z = model.anchor_projections(views)
         grads = _grads(model.encoder, z)
