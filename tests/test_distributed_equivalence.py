@@ -17,13 +17,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from lightning.pytorch.strategies import FSDPStrategy
 from timm.models.vision_transformer import Block
+from tiny_msn import fit_steps, tiny_module
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
@@ -87,12 +87,8 @@ class RecordingMSN(MSNModule):
 
 
 def _model(out_file: Path, proto_grad_scale: float = 1.0) -> RecordingMSN:
-    torch.manual_seed(0)
-    model = RecordingMSN(
-        encoder={"arch": "vit_nano", "patch_size": 4, "img_size": 16, "in_chans": 1},
-        head={"hidden_dim": 32, "out_dim": 16},
-        num_prototypes=10,
-        mask_ratio=0.3,
+    model = tiny_module(
+        RecordingMSN,
         mask_mode="per_sample",
         mask_seed=7,
         optim={"warmup_epochs": 1},
@@ -104,23 +100,12 @@ def _model(out_file: Path, proto_grad_scale: float = 1.0) -> RecordingMSN:
 
 
 def _fit(model: MSNModule, batch_size: int, sampler: Sampler | None = None, **trainer_kw) -> None:
-    trainer = L.Trainer(
-        max_steps=STEPS,
-        max_epochs=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        # float64: Adam divides each gradient by its own running RMS, which turns float32 rounding
-        # differences in gradients that are zero in exact arithmetic (biases followed by BatchNorm,
-        # the key bias of attention) into visible parameter differences. In float64 the rounding
-        # stays far below the tolerance, so the test checks the math of the distributed step.
-        precision="64-true",
-        **trainer_kw,
-    )
     loader = DataLoader(IndexedViews(), batch_size=batch_size, sampler=sampler, drop_last=True)
-    trainer.fit(model, loader)
+    # float64: Adam divides each gradient by its own running RMS, which turns float32 rounding
+    # differences in gradients that are zero in exact arithmetic (biases followed by BatchNorm,
+    # the key bias of attention) into visible parameter differences. In float64 the rounding
+    # stays far below the tolerance, so the test checks the math of the distributed step.
+    fit_steps(model, loader, STEPS, precision="64-true", **trainer_kw)
 
 
 def test_two_processes_train_like_one_process_with_the_global_batch(tmp_path, monkeypatch):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_msn import tiny_module
 
 from msn import backbone
 from msn.masking import num_kept, sample_keep_indices
-from msn.module import MSNModule
 
 B = 3
 
@@ -91,21 +91,9 @@ def test_packed_rejects_a_group_that_is_not_whole_views():
     with pytest.raises(ValueError, match="attention='dense' is unknown"):
         backbone.encode_packed(vit, _groups("shared"), B, "dense")
     with pytest.raises(ValueError, match="model.packed_views"):
-        _module(packed_views="dense")
+        tiny_module(packed_views="dense")
     with pytest.raises(ValueError, match="drop_path_rate=0"):
         backbone.encode_packed(_vit(drop_path_rate=0.1), _groups("shared"), B)
-
-
-def _module(**kw):
-    torch.manual_seed(0)
-    return MSNModule(
-        encoder={"arch": "vit_nano", "patch_size": 4, "img_size": 16, "in_chans": 1},
-        head={"hidden_dim": 32, "out_dim": 16},
-        num_prototypes=10,
-        mask_ratio=0.3,
-        mask_seed=5,
-        **kw,
-    )
 
 
 @pytest.mark.parametrize(
@@ -116,7 +104,7 @@ def test_module_packed_views_gives_the_same_projections_and_gradients(mode, pack
     views = [torch.randn(B, 1, s, s, generator=g) for s in (16, 8, 8)]
     outs = []
     for packed in (False, packed_views):
-        model = _module(mask_mode=mode, packed_views=packed)
+        model = tiny_module(mask_mode=mode, packed_views=packed)
         z = model.anchor_projections(views)
         grads = _grads(model.encoder, z)
         outs.append((z, grads))

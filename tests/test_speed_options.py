@@ -9,9 +9,9 @@ from __future__ import annotations
 import os
 import shutil
 
-import lightning as L
 import pytest
 import torch
+from tiny_msn import fit_steps, tiny_module
 from torch.utils.data import DataLoader, Dataset
 
 from msn.module import MSNModule
@@ -51,32 +51,12 @@ class RecordingMSN(MSNModule):
 
 
 def _module(**kw) -> RecordingMSN:
-    torch.manual_seed(0)
-    return RecordingMSN(
-        encoder={"arch": "vit_nano", "patch_size": 4, "img_size": 16, "in_chans": 1},
-        head={"hidden_dim": 32, "out_dim": 16},
-        num_prototypes=10,
-        mask_ratio=0.3,
-        mask_seed=3,
-        optim={"warmup_epochs": 1},
-        **kw,
-    )
+    return tiny_module(RecordingMSN, mask_seed=3, optim={"warmup_epochs": 1}, **kw)
 
 
-def _fit(model: MSNModule, steps: int = 2, accelerator: str = "cpu", **trainer_kw) -> MSNModule:
-    trainer = L.Trainer(
-        max_steps=steps,
-        max_epochs=1,
-        accelerator=accelerator,
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **trainer_kw,
-    )
-    trainer.fit(model, DataLoader(RandomViews(), batch_size=B, drop_last=True))
-    return model
+def _fit(model: RecordingMSN, steps: int = 2, accelerator: str = "cpu", **trainer_kw) -> RecordingMSN:
+    loader = DataLoader(RandomViews(), batch_size=B, drop_last=True)
+    return fit_steps(model, loader, steps, accelerator, devices=1, **trainer_kw)
 
 
 # Runs compared parameter by parameter are float64: Adam divides every gradient by its own RMS,
