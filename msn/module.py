@@ -60,6 +60,17 @@ def _merged(
     return {**defaults, **given}
 
 
+# Prefixes that wrappers (FSDP units, activation checkpointing, torch.compile) add to parameter names.
+_WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def _unwrapped_name(name: str) -> str:
+    """``name`` as the unwrapped module spells it (e.g. ``blocks.0.attn.qkv.weight``)."""
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
 class MSNModule(L.LightningModule):
     """Masked Siamese Networks pre-training.
 
@@ -174,6 +185,8 @@ class MSNModule(L.LightningModule):
         self._encode = backbone.encode
         self._encode_packed = backbone.encode_packed
         self._batch_idx = 0
+        # Parameter ranks before any wrapping (FSDP flattens them), for the weight-decay groups.
+        self._param_ndim = {name: p.ndim for name, p in self.named_parameters()}
         self._momentum = self.ema_range[0]
         self._last_batch_time: float | None = None
 
@@ -418,11 +431,13 @@ class MSNModule(L.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """AdamW with the official groups: decayed weights; biases and 1-D params; prototypes."""
         decay, no_decay = [], []
-        for module in (self.encoder, self.head):
+        for prefix, module in (("encoder", self.encoder), ("head", self.head)):
             for name, p in module.named_parameters():
                 # Biases, norms and every 1-D parameter are not decayed; cls_token, pos_embed
-                # and the patch conv are (they are not 1-D), as in the official code.
-                (no_decay if name.endswith("bias") or p.ndim == 1 else decay).append(p)
+                # and the patch conv are (they are not 1-D), as in the official code. The shape
+                # is the one at construction: under FSDP every parameter is a 1-D shard by now.
+                ndim = self._param_ndim.get(f"{prefix}.{_unwrapped_name(name)}", p.ndim)
+                (no_decay if name.endswith("bias") or ndim == 1 else decay).append(p)
         o = self.optim_cfg
         groups = [
             {"params": decay, "weight_decay": o["ref_wd"], "apply_wd": True},

@@ -171,3 +171,32 @@ def test_cuda_fsdp_single_gpu_step():
     _fit(model, accelerator="gpu", strategy=strategy)
     assert all(torch.isfinite(loss) for loss in model.losses)
     assert not torch.equal(model.target_encoder.cls_token.detach().cpu(), start)
+
+
+def test_weight_decay_groups_survive_fsdp_style_flattening_and_wrapper_names():
+    """Under FSDP every parameter is a 1-D shard and nested units add ``_fsdp_wrapped_module.``
+    to the names; the decay groups must still be those of the unwrapped module."""
+
+    def groups(model):
+        names = {id(p): name for name, p in model.named_parameters()}
+        return [[names[id(p)] for p in g["params"]] for g in model.configure_optimizers().param_groups]
+
+    expected = groups(_module())
+
+    class Unit(torch.nn.Module):  # what FSDP's auto-wrapping puts around a Block
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self._fsdp_wrapped_module = inner
+
+        def forward(self, x):
+            return self._fsdp_wrapped_module(x)
+
+    model = _module()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data = p.data.flatten()  # a shard is a 1-D view
+    model.encoder.blocks[0] = Unit(model.encoder.blocks[0])
+    got = [[name.replace("_fsdp_wrapped_module.", "") for name in g] for g in groups(model)]
+    assert got == expected
+    assert {"encoder.blocks.0.attn.qkv.weight", "encoder.pos_embed"} <= set(got[0])
+    assert "encoder.blocks.0.norm1.weight" in got[1] and got[2] == ["prototypes"]
