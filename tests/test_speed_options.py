@@ -6,14 +6,20 @@ skipped elsewhere.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from tiny_msn import fit_steps, tiny_module
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader, Dataset
+from torch.utils.flop_counter import FlopCounterMode
 
+from msn import backbone
 from msn.module import MSNModule
 
 B, VIEWS = 4, (16, 16, 8, 8)  # target, one masked anchor, two focal views
@@ -200,3 +206,33 @@ def test_weight_decay_groups_survive_fsdp_style_flattening_and_wrapper_names():
     assert got == expected
     assert {"encoder.blocks.0.attn.qkv.weight", "encoder.pos_embed"} <= set(got[0])
     assert "encoder.blocks.0.norm1.weight" in got[1] and got[2] == ["prototypes"]
+
+
+def _throughput_script():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
+    spec = importlib.util.spec_from_file_location("msn_benchmark_throughput", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_benchmark_flop_formula_matches_torch_flop_counter(packed):
+    """The analytic FLOPs of benchmarks/throughput.py against torch's own count of one forward."""
+    bench = _throughput_script()
+    cfg = bench.parse(
+        ["model=vit_nano", "img=16", "patch=4", "chans=1", "focal=8", "focal_views=3", "batch=4"]
+    )
+    cfg.mask, cfg.head_hidden, cfg.head_out, cfg.prototypes = 0.25, 64, 32, 20
+    model, _ = bench.build(cfg, torch.device("cpu"), packed="segments" if packed else False)
+    views = bench.synthetic_views(cfg, torch.device("cpu"))
+    # The math attention backend runs as matmuls, which the counter sees (fused CPU kernels not).
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        z_t = model.target_projections(views[0])
+        z_a = model.anchor_projections(views[1:])
+        model.criterion(z_a, z_t, model.prototypes)
+    size = backbone.VIT_SIZES["vit_nano"]
+    flops = bench.step_flops_per_image(cfg, size.embed_dim, size.depth)
+    expected = cfg.batch * (flops["student"] + flops["teacher"])
+    assert counter.get_total_flops() == pytest.approx(expected, rel=1e-6)
