@@ -20,12 +20,10 @@ Any checkpoint :func:`msn.interop.read_checkpoint` reads can be exported to any 
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import hydra
 import torch
 from omegaconf import DictConfig
 from safetensors.torch import save_file
@@ -33,8 +31,8 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 
 from msn.config import ConfigError
+from msn.finetune import hydra_entry
 from msn.interop import ENCODERS, Checkpoint, build_encoder, data_stats, read_checkpoint, timm_to_hf
-from msn.train import CONFIG_DIR
 
 EXPORT_FORMATS = ("hf", "timm", "official")
 # timm model names of the registry sizes; model_args carry every setting, so the name only tells
@@ -264,18 +262,9 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     return {"format": cfg.format, "files": [str(p) for p in written], "source_format": ckpt.format}
 
 
-@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="export")
-def _hydra_main(cfg: DictConfig) -> None:
-    try:
-        export(cfg)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-
-
 def main() -> None:
     """Console-script entry (``msn-export``); same as ``python -m msn.export``."""
-    _hydra_main()
+    hydra_entry("export", export)()
 
 
 if __name__ == "__main__":

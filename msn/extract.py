@@ -19,7 +19,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import hydra
 import numpy as np
 import torch
 from omegaconf import DictConfig
@@ -32,8 +31,8 @@ from msn.backbone import FEATURE_KINDS, extract
 from msn.config import ConfigError
 from msn.data.datasets import IMAGE_EXTENSIONS, BadImageError, _list_images, load_image
 from msn.data.transforms import eval_transform, image_mode
+from msn.finetune import hydra_entry, resolve_device
 from msn.interop import ENCODERS, build_encoder, data_stats, read_checkpoint
-from msn.train import CONFIG_DIR
 
 
 def list_images(folder: str | Path) -> list[Path]:
@@ -104,8 +103,6 @@ def output_paths(out: str | Path) -> tuple[Path, Path, Path]:
 
 def run_extract(cfg: DictConfig) -> dict[str, Any]:
     """Run ``msn.extract`` for a composed ``configs/extract.yaml``; returns paths and counts."""
-    from msn.finetune import resolve_device
-
     problems = []
     folder = Path(str(cfg.input)).expanduser()
     if not folder.is_dir():
@@ -156,18 +153,9 @@ def run_extract(cfg: DictConfig) -> dict[str, Any]:
     return result
 
 
-@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="extract")
-def _hydra_main(cfg: DictConfig) -> None:
-    try:
-        run_extract(cfg)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-
-
 def main() -> None:
     """Console-script entry (``msn-extract``); same as ``python -m msn.extract``."""
-    _hydra_main()
+    hydra_entry("extract", run_extract)()
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -140,15 +141,22 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     return {"output_dir": str(output_dir), "report": table}
 
 
-@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="finetune")
-def _hydra_main(cfg: DictConfig) -> None:
-    try:
-        evaluate(cfg)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+def hydra_entry(config_name: str, run: Callable[[DictConfig], Any]) -> Callable[[], None]:
+    """A command-line main: compose ``configs/<config_name>.yaml`` with the command-line overrides,
+    call ``run`` on it, and turn bad input (config, missing file, wrong format) into one
+    ``error: ...`` line and exit status 2 instead of a traceback."""
+
+    @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=config_name)
+    def _main(cfg: DictConfig) -> None:
+        try:
+            run(cfg)
+        except (ConfigError, FileNotFoundError, ValueError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+
+    return _main
 
 
 def main() -> None:
     """Console-script entry (``msn-finetune``); same as ``python finetune.py``."""
-    _hydra_main()
+    hydra_entry("finetune", evaluate)()

@@ -405,7 +405,7 @@ def _read_hf(folder: Path, config: Mapping[str, Any]) -> Checkpoint:
         encoders={"target_encoder": state},
         classifier=classifier or None,
         id2label=id2label,
-        layer_norm_eps=float(config.get("layer_norm_eps", 1e-12)),
+        layer_norm_eps=float(config.get("layer_norm_eps", LAYER_NORM_EPS)),  # ViTMSNConfig default
         unexpected=unexpected,
     )
 
