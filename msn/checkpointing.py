@@ -197,7 +197,7 @@ class RandomStateCheckpoint(L.Callback):
 class ResumeCheckpoint(ModelCheckpoint):
     """The resume point: ``last.ckpt`` plus the newest ``keep_last`` ``stepNNNNNNNN.ckpt`` files.
 
-    Saved every ``every_n_train_steps`` optimizer steps, at the end of every epoch, at the end of
+    Saved every ``every_n_train_steps`` optimizer steps, after the last batch of every epoch, at the end of
     training and whenever :meth:`save_now` is called (preemption); never twice for one step and
     never after an exception (the last good checkpoint stays as it was). Older step files are
     deleted by Lightning's top-k rotation (monitor ``step``, highest kept).
@@ -265,9 +265,22 @@ class ResumeCheckpoint(ModelCheckpoint):
         self._save_topk_checkpoint(trainer, candidates)
         self._save_last_checkpoint(trainer, candidates)
 
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        # The epoch-end save happens here, after the last batch of the epoch, not in
+        # on_train_epoch_end: Lightning resumes a step-limited run (max_steps set) from an
+        # on_train_epoch_end checkpoint inside the finished epoch, so the epoch boundaries of the
+        # resumed run shift by one step and its data stream no longer matches. A save at the end
+        # of the last batch is a case Lightning restores exactly.
+        if batch_idx + 1 >= trainer.num_training_batches:
+            self.save_now(trainer)
+
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Replaces ModelCheckpoint's epoch-end logic, which would write last.ckpt a second time
-        # for a step that was just saved.
+        # for a step that was just saved. Only loaders without a length (the batch-end save
+        # cannot tell their last batch) are saved here.
         self.save_now(trainer)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -179,13 +180,37 @@ def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.slow
-def test_sigkill_at_a_random_step_then_resume_logs_the_uninterrupted_losses(tmp_path):
-    reference = tmp_path / "reference"
-    proc = _run(_cmd(reference), tmp_path)
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory) -> Path:
+    """An uninterrupted run that keeps every step checkpoint (steps 3, 5, 6, 9, 10, 12, 14)."""
+    run = tmp_path_factory.mktemp("reference") / "run"
+    proc = _run(_cmd(run, "callbacks.resume_checkpoint.keep_last=20"), run.parent)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    expected = _losses(reference)
-    assert sorted(expected) == list(range(14))
+    assert sorted(_losses(run)) == list(range(14))
+    return run
+
+
+@pytest.mark.slow
+def test_resume_from_an_epoch_end_checkpoint_keeps_the_epoch_boundaries(reference_run, tmp_path):
+    # Step 10 ends epoch 1 (5-step epochs) and is not a multiple of the 3-step interval: it is
+    # the epoch-end save. Resumed from it, epoch 2 must start at step 10, as in the reference.
+    run = tmp_path / "resumed"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copy(reference_run / "checkpoints" / "step00000010.ckpt", run / "checkpoints" / "last.ckpt")
+    proc = _run(_cmd(run, "ckpt_path=last"), tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    expected = _losses(reference_run)
+    resumed = _losses(run)
+    assert sorted(resumed) == [10, 11, 12, 13]
+    assert resumed == {step: expected[step] for step in resumed}
+    with open(run / "csv" / "metrics.csv") as f:
+        epochs = {int(r["step"]): int(r["epoch"]) for r in csv.DictReader(f) if r.get("train/loss")}
+    assert epochs == {10: 2, 11: 2, 12: 2, 13: 2}
+
+
+@pytest.mark.slow
+def test_sigkill_at_a_random_step_then_resume_logs_the_uninterrupted_losses(reference_run, tmp_path):
+    expected = _losses(reference_run)
 
     # Killed at a random moment after a random step (possibly inside a checkpoint write), with
     # DataLoader workers this time: the data stream must not depend on them.
