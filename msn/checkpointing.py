@@ -170,8 +170,9 @@ class RandomStateCheckpoint(L.Callback):
     """Saves the global random states in every checkpoint and restores them on resume.
 
     They are put back at ``on_train_start``: after the model was built (which draws random
-    numbers) and before the first batch, whose augmentation (``augment_on=device``) and masking
-    then draw exactly what the uninterrupted run drew after the checkpointed step.
+    numbers) and before the first batch, whose masking (with ``model.mask_seed=null``) then draws
+    exactly what the uninterrupted run drew after the checkpointed step. (The data stream and the
+    ``augment_on=device`` views are seeded per sample and per batch; they need no saved state.)
     """
 
     def __init__(self) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import lightning as L
 import pytest
 import torch
@@ -17,6 +19,7 @@ from msn.data.batched import (
     crop_and_resize,
     sample_crop_boxes,
 )
+from msn.data.resumable import batch_seed
 from msn.module import MSNModule
 
 
@@ -146,8 +149,9 @@ def test_datamodule_device_augmentation_trains(tmp_path):
         augment_on="device",
         transform=dict(rand_size=16, focal_size=8, focal_views=2, rand_scale=(0.8, 1.0), color_jitter_p=0.0),
     )
-    images, labels = next(iter(dm.train_dataloader()))
+    images, labels, seeds = next(iter(dm.train_dataloader()))
     assert images.dtype == torch.uint8 and images.shape == (16, 1, 8, 8)  # raw digits, not views
+    assert seeds.shape == (16,) and seeds.dtype == torch.int64  # the sample seeds, for the views
     with pytest.raises(ValueError, match="data.augment_on must be one of"):
         MSNDataModule(name="digits", in_chans=1, augment_on="gpu")
     with pytest.raises(ValueError, match="needs data.load_size"):
@@ -171,3 +175,36 @@ def test_datamodule_device_augmentation_trains(tmp_path):
     trainer.fit(model, datamodule=dm)
     assert trainer.global_step == 2
     assert not torch.equal(before, model.prototypes.detach())
+
+
+def _device_views(rank: int, world_size: int, global_seed: int) -> list[torch.Tensor]:
+    """The views of the first training batch of ``rank``, made by on_after_batch_transfer."""
+    dm = MSNDataModule(
+        name="digits",
+        in_chans=1,
+        batch_size=8,
+        augment_on="device",
+        transform=dict(rand_size=16, focal_size=8, focal_views=1),
+    )
+    dm.trainer = SimpleNamespace(world_size=world_size, global_rank=rank, training=True)
+    batch = next(iter(dm.train_dataloader()))
+    torch.manual_seed(global_seed)  # every rank of a real run is seeded alike; must not matter
+    views, labels = dm.on_after_batch_transfer(batch, 0)
+    assert torch.equal(labels, batch[1])
+    return views
+
+
+def test_device_views_come_from_the_sample_seeds_not_the_global_state():
+    first = _device_views(rank=0, world_size=2, global_seed=0)
+    again = _device_views(rank=0, world_size=2, global_seed=123)
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))  # what a resume needs
+    other_rank = _device_views(rank=1, world_size=2, global_seed=0)
+    # Other images and, with the same global seed, other crops: no view equals rank 0's.
+    assert not any(torch.equal(a, b) for a, b in zip(first, other_rank, strict=True))
+
+
+def test_batch_seed_depends_on_every_sample_seed():
+    seeds = torch.tensor([3, 5, 7])
+    assert batch_seed(seeds) == batch_seed(seeds.clone())
+    assert batch_seed(seeds) != batch_seed(torch.tensor([3, 5, 8]))
+    assert batch_seed(seeds) != batch_seed(torch.tensor([5, 3, 7]))

@@ -209,6 +209,24 @@ def test_resume_from_an_epoch_end_checkpoint_keeps_the_epoch_boundaries(referenc
 
 
 @pytest.mark.slow
+def test_resume_with_views_made_on_the_device_repeats_them(tmp_path):
+    # augment_on=device draws its crops from the batch's sample seeds, not from the random states
+    # in the checkpoint: the resumed run must still see the uninterrupted run's views.
+    reference = tmp_path / "reference"
+    device = ("data.augment_on=device", "data.num_workers=0")
+    proc = _run(_cmd(reference, *device, "callbacks.resume_checkpoint.keep_last=20"), tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "resumed"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copy(reference / "checkpoints" / "step00000006.ckpt", run / "checkpoints" / "last.ckpt")
+    proc = _run(_cmd(run, *device, "ckpt_path=last"), tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    expected, resumed = _losses(reference), _losses(run)
+    assert sorted(resumed) == list(range(6, 14))
+    assert resumed == {step: expected[step] for step in resumed}
+
+
+@pytest.mark.slow
 def test_sigkill_at_a_random_step_then_resume_logs_the_uninterrupted_losses(reference_run, tmp_path):
     expected = _losses(reference_run)
 

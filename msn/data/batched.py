@@ -158,7 +158,8 @@ class BatchedMultiView(nn.Module):
     crop scales, ``color_jitter``/``color_jitter_p``, ``grayscale_p``, ``blur_p``/``blur_sigma``,
     ``hflip_p``, ``in_chans``, ``mean``/``std``) and validates them the same way.
 
-    Shapes: ``forward(images)`` with ``images`` uint8 (B, C, H, W) (or float in [0, 1]) returns
+    Shapes: ``forward(images, generator=None)`` with ``images`` uint8 (B, C, H, W) (or float in
+    [0, 1]) returns
     ``1 + rand_views + focal_views`` float tensors: (B, C, rand_size, rand_size) for the target
     and anchor views, then (B, C, focal_size, focal_size) for the focal views, normalised.
     """
@@ -176,53 +177,54 @@ class BatchedMultiView(nn.Module):
     def num_views(self) -> int:
         return self.spec.num_views
 
-    def _rand(self, n: int, device: torch.device) -> Tensor:
-        return torch.rand(n, generator=self.generator, device=device)
-
-    def augment(self, images: Tensor, size: int, scale: Sequence[float]) -> Tensor:
-        """One augmented view (B, C, size, size) of float images in [0, 1], before normalisation."""
+    def augment(
+        self, images: Tensor, size: int, scale: Sequence[float], generator: torch.Generator | None = None
+    ) -> Tensor:
+        """One augmented view (B, C, size, size) of float images in [0, 1], before normalisation;
+        random numbers from ``generator`` (default: the one given at construction, else global)."""
         s, n, dev = self.spec, images.shape[0], images.device
+        g = self.generator if generator is None else generator
         h, w = images.shape[-2:]
-        boxes = sample_crop_boxes(n, h, w, scale, generator=self.generator, device=dev)
+        boxes = sample_crop_boxes(n, h, w, scale, generator=g, device=dev)
         x = crop_and_resize(images, boxes, size).clamp_(0, 1)
         if s.hflip_p > 0:
-            flip = self._rand(n, dev) < s.hflip_p
+            flip = torch.rand(n, generator=g, device=dev) < s.hflip_p
             x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
         if s.color_jitter > 0 and s.color_jitter_p > 0:
-            x = self._color_jitter(x)
+            x = self._color_jitter(x, g)
         if s.grayscale_p > 0 and s.in_chans == 3:
-            gray = self._rand(n, dev) < s.grayscale_p
+            gray = torch.rand(n, generator=g, device=dev) < s.grayscale_p
             x = torch.where(gray.view(-1, 1, 1, 1), TF.rgb_to_grayscale(x, num_output_channels=3), x)
         if s.blur_p > 0:
-            blur = self._rand(n, dev) < s.blur_p
-            sigma = _uniform(n, *s.blur_sigma, self.generator, dev)
+            blur = torch.rand(n, generator=g, device=dev) < s.blur_p
+            sigma = _uniform(n, *s.blur_sigma, g, dev)
             blurred = _gaussian_blur(x, blur_kernel_size(size), sigma)
             x = torch.where(blur.view(-1, 1, 1, 1), blurred, x)
         return x
 
-    def _color_jitter(self, x: Tensor) -> Tensor:
+    def _color_jitter(self, x: Tensor, g: torch.Generator | None) -> Tensor:
         s, n, dev = self.spec, x.shape[0], x.device
         strength = s.color_jitter
-        apply = (self._rand(n, dev) < s.color_jitter_p).view(-1, 1, 1, 1)
+        apply = (torch.rand(n, generator=g, device=dev) < s.color_jitter_p).view(-1, 1, 1, 1)
         lo, hi = max(0.0, 1 - 0.8 * strength), 1 + 0.8 * strength
-        y = _blend(x, torch.zeros_like(x), _uniform(n, lo, hi, self.generator, dev))  # brightness
+        y = _blend(x, torch.zeros_like(x), _uniform(n, lo, hi, g, dev))  # brightness
         mean = _gray(y).mean(dim=(1, 2, 3), keepdim=True)
-        y = _blend(y, mean.expand_as(y), _uniform(n, lo, hi, self.generator, dev))  # contrast
+        y = _blend(y, mean.expand_as(y), _uniform(n, lo, hi, g, dev))  # contrast
         if s.in_chans == 3:  # saturation and hue are meaningless on one channel
             gray = TF.rgb_to_grayscale(y, num_output_channels=3)
-            y = _blend(y, gray, _uniform(n, lo, hi, self.generator, dev))  # saturation
+            y = _blend(y, gray, _uniform(n, lo, hi, g, dev))  # saturation
             hue = min(0.5, 0.2 * strength)
-            y = _rotate_hue(y, _uniform(n, -hue, hue, self.generator, dev))
+            y = _rotate_hue(y, _uniform(n, -hue, hue, g, dev))
         return torch.where(apply, y, x)
 
     @torch.no_grad()
-    def forward(self, images: Tensor) -> list[Tensor]:
+    def forward(self, images: Tensor, generator: torch.Generator | None = None) -> list[Tensor]:
         if images.ndim != 4 or images.shape[1] != self.spec.in_chans:
             raise ValueError(
                 f"expected a batch (B, {self.spec.in_chans}, H, W), got shape {tuple(images.shape)}"
             )
         x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
         s = self.spec
-        views = [self.augment(x, s.rand_size, s.rand_scale) for _ in range(1 + s.rand_views)]
-        views += [self.augment(x, s.focal_size, s.focal_scale) for _ in range(s.focal_views)]
+        views = [self.augment(x, s.rand_size, s.rand_scale, generator) for _ in range(1 + s.rand_views)]
+        views += [self.augment(x, s.focal_size, s.focal_scale, generator) for _ in range(s.focal_views)]
         return [(v - self.mean) / self.std for v in views]

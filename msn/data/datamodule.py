@@ -15,7 +15,7 @@ from torchvision.transforms import v2 as T
 
 from msn.data.batched import BatchedMultiView
 from msn.data.datasets import DATASETS, ON_BAD_IMAGE, SPLITS, build_dataset, has_labels
-from msn.data.resumable import ResumableSampler, SeededDataset, data_position
+from msn.data.resumable import ResumableSampler, SeededDataset, batch_seed, data_position
 from msn.data.transforms import ConvertMode, MultiViewTransform, _resolve_mean_std, eval_transform, image_mode
 
 __all__ = ["AUGMENT_ON", "MSNDataModule"]
@@ -225,8 +225,12 @@ class MSNDataModule(L.LightningDataModule):
         """With ``augment_on=device``: turn the uint8 training batch into the list of views."""
         if self.batched_transform is None or self.trainer is None or not self.trainer.training:
             return batch
-        images, labels = batch  # type: ignore[misc]
-        return self.batched_transform.to(images.device)(images), labels
+        images, labels, seeds = batch  # type: ignore[misc]
+        # Seeded from the batch's sample seeds, not the global random state: every rank of a
+        # multi-GPU run gets other crops (all ranks share the global seed), and a resumed run
+        # repeats the uninterrupted run's views.
+        generator = torch.Generator(device=images.device).manual_seed(batch_seed(seeds))
+        return self.batched_transform.to(images.device)(images, generator), labels
 
     @property
     def num_views(self) -> int:
@@ -282,7 +286,7 @@ class MSNDataModule(L.LightningDataModule):
         # them from (and so move) the global random state at every epoch.
         generator = torch.Generator().manual_seed(self.seed)
         return DataLoader(
-            SeededDataset(self.train_dataset),
+            SeededDataset(self.train_dataset, return_seed=self.batched_transform is not None),
             batch_size=self.batch_size,
             sampler=sampler,
             num_workers=self.num_workers,

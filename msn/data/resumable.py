@@ -22,13 +22,23 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler
 
-__all__ = ["ResumableSampler", "SeededDataset", "data_position", "sample_seed"]
+__all__ = ["ResumableSampler", "SeededDataset", "batch_seed", "data_position", "sample_seed"]
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """Seed of the augmentation of sample ``index`` in ``epoch``: well mixed, so that nearby
     indices or epochs do not get correlated random streams."""
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def batch_seed(seeds: torch.Tensor) -> int:
+    """One seed for a whole batch from its per-sample seeds (the ``seed`` column that
+    ``SeededDataset(return_seed=True)`` adds): the batched augmentation of ``augment_on=device``
+    draws a batch's random numbers from it. Like the sample seeds, it depends only on the seed,
+    the epoch and the indices, so it differs between ranks (disjoint indices) and a resumed run
+    draws exactly what the uninterrupted one drew, whatever the global random state."""
+    values = [int(v) for v in seeds.reshape(-1).tolist()]
+    return int(np.random.SeedSequence(values).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 def data_position(epoch: int, batches_done: int, batches_per_epoch: int | float) -> tuple[int, int]:
@@ -95,13 +105,16 @@ class SeededDataset(Dataset):
     """``dataset[index]`` with the random number generator seeded by the sampler's per-sample seed.
 
     Keys from :class:`ResumableSampler` are ``(index, seed)`` pairs; plain integer keys are
-    passed through unseeded. Only torch's CPU generator is seeded (torchvision's transforms draw
+    passed through unseeded. With ``return_seed`` the seed is appended to the sample
+    (``(image, label, seed)``), for augmentations made later on whole batches (:func:`batch_seed`).
+    Only torch's CPU generator is seeded (torchvision's transforms draw
     from it); its previous state is put back afterwards, so with ``num_workers=0`` the training
     process's random stream (e.g. the masking) is not disturbed by data loading.
     """
 
-    def __init__(self, dataset: Dataset) -> None:
+    def __init__(self, dataset: Dataset, return_seed: bool = False) -> None:
         self.dataset = dataset
+        self.return_seed = return_seed
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
@@ -114,7 +127,8 @@ class SeededDataset(Dataset):
         # default_generator (not torch.manual_seed) leaves the CUDA generators alone.
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(seed)
-            return self.dataset[index]
+            sample = self.dataset[index]
+        return (*sample, seed) if self.return_seed else sample
 
     def __getattr__(self, name: str) -> Any:
         # Attributes such as ``classes`` or ``samples`` of the wrapped dataset stay reachable.
