@@ -18,6 +18,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from msn.backbone import PATCH_SIZES, VIT_SIZES
 from msn.data.datasets import ON_BAD_IMAGE
+from msn.lowshot import percent_label
 from msn.masking import MASK_MODES
 from msn.reliability import ON_NONFINITE
 
@@ -264,6 +265,20 @@ def validate_config(cfg: DictConfig, environment: bool = True) -> None:
             len(lambdas) > 0 and all(isinstance(v, (int, float)) and v > 0 for v in lambdas),
             f"lowshot.lambd={lambd} must be a number > 0 or a non-empty list of them",
         )
+
+    metric = cfg.get("optimized_metric")
+    if metric is not None:
+        columns = [str(k) for k in _get(cfg, "lowshot.shots") or []]
+        columns += [percent_label(p) for p in _get(cfg, "lowshot.percents") or []]
+        columns += [Path(str(f)).stem for f in _get(cfg, "lowshot.subset_files") or []]
+        if not _get(cfg, "lowshot.enabled", False):
+            problems.append(
+                f"optimized_metric={str(metric)!r} needs lowshot.enabled=true (it is read from that table)"
+            )
+        elif str(metric) not in columns:
+            problems.append(
+                f"optimized_metric={str(metric)!r} is not a low-shot column; allowed: {', '.join(columns)}"
+            )
 
     problems += _range_problems(cfg)
     problems += _reliability_problems(cfg)

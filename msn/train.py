@@ -11,6 +11,7 @@ SIGUSR1) saves its checkpoint and exits 0.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -118,6 +119,19 @@ def run_lowshot(model: Any, datamodule: Any, cfg: DictConfig, output_dir: Path) 
     )
 
 
+def objective_value(lowshot: dict[str, Any], column: str) -> float:
+    """The number a hyper-parameter sweeper optimises: mean accuracy of the first MSN row of
+    ``lowshot.json`` in ``column`` (``"1"`` for k=1, ``"10%"``, a subset file's stem ...)."""
+    row = next((name for name in lowshot if name.startswith("MSN")), None)
+    if row is None:
+        raise ConfigError([f"optimized_metric={column!r}: the low-shot table has no MSN row"])
+    if column not in lowshot[row]:
+        raise ConfigError(
+            [f"optimized_metric={column!r} is not a low-shot column; this run has: {', '.join(lowshot[row])}"]
+        )
+    return float(lowshot[row][column]["mean"])
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Validate, build, fit and evaluate. Returns paths and metrics of the run."""
     validate_config(cfg)
@@ -183,14 +197,29 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if table is not None:
             print("\n" + table, flush=True)
             result["lowshot_table"] = table
+            result["lowshot"] = json.loads((output_dir / "lowshot.json").read_text())
     print(f"pre-training: {fit_seconds:.0f} s; outputs in {output_dir}", flush=True)
     return result
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
-def _hydra_main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> float | None:
     try:
-        train(cfg)
+        result = train(cfg)
+        metric = cfg.get("optimized_metric")
+        if metric is None:
+            return None
+        # What Hydra's sweepers (e.g. Optuna) optimise; a stopped run or one without labels has no
+        # table, which must not pass for a score.
+        if "lowshot" not in result:
+            raise ConfigError(
+                [
+                    f"optimized_metric={str(metric)!r} needs the low-shot table (lowshot.enabled and labelled data)"
+                ]
+            )
+        value = objective_value(result["lowshot"], str(metric))
+        print(f"optimized_metric {metric}: {value:.2f}", flush=True)
+        return value
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
@@ -206,4 +235,11 @@ def main() -> None:
     _hydra_main()
 
 
-__all__ = ["main", "newest_resume_checkpoint", "requested_ckpt_path", "resolve_ckpt_path", "train"]
+__all__ = [
+    "main",
+    "newest_resume_checkpoint",
+    "objective_value",
+    "requested_ckpt_path",
+    "resolve_ckpt_path",
+    "train",
+]

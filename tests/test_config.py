@@ -158,6 +158,12 @@ def test_paper_recipes_match_reference(experiment, tmp_path):
             "trainer.devices=0 must be an integer >= 1, -1 (all), a list of indices or auto",
         ),
         (["trainer.num_nodes=0"], "trainer.num_nodes=0 must be an integer >= 1"),
+        # sweeps
+        (["optimized_metric=3"], "optimized_metric='3' is not a low-shot column; allowed: 1, 2, 5"),
+        (
+            ["optimized_metric=1", "lowshot.enabled=false"],
+            "optimized_metric='1' needs lowshot.enabled=true (it is read from that table)",
+        ),
     ],
 )
 def test_invalid_config_messages(overrides, message):

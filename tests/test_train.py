@@ -1,5 +1,6 @@
 """End-to-end runs of train.py (subprocess, as a user runs it)."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -7,6 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
+
+from msn.config import ConfigError
+from msn.train import objective_value
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = [
@@ -89,3 +94,48 @@ def test_multirun_sweep_writes_one_dir_per_job(tmp_path):
         )
         ratios.append(ckpt["hyper_parameters"]["mask_ratio"])
     assert ratios == [0.1, 0.3]
+
+
+def test_objective_value_reads_the_msn_row_of_the_lowshot_table():
+    table = {
+        "MSN target encoder": {"1": {"mean": 41.5, "std": 2.0, "lambd": 0.0025}, "10%": {"mean": 70.0}},
+        "random init": {"1": {"mean": 20.0}},
+    }
+    assert objective_value(table, "1") == 41.5 and objective_value(table, "10%") == 70.0
+    message = "optimized_metric='5' is not a low-shot column; this run has: 1, 10%"
+    with pytest.raises(ConfigError, match=message):
+        objective_value(table, "5")
+    with pytest.raises(ConfigError, match="has no MSN row"):
+        objective_value({"raw pixels": {"1": {"mean": 1.0}}}, "1")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is None,
+    reason='the Optuna sweeper is an extra: pip install -e ".[sweep]"',
+)
+def test_optuna_sweep_maximises_the_lowshot_metric(tmp_path):
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "+hparams_search=digits_optuna",
+        "hydra.sweeper.n_trials=3",
+        "hydra.sweeper.sampler.n_startup_trials=3",
+        f"hydra.sweep.dir={tmp_path}",
+        *(o for o in FAST if not o.startswith("model.num_prototypes")),  # swept here
+        "trainer.max_steps=4",
+        "lowshot.random_init=false",
+        "lowshot.raw_pixels=false",
+    ]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    scores, params = [], []
+    for trial in ("0", "1", "2"):
+        table = json.loads((tmp_path / trial / "lowshot.json").read_text())
+        scores.append(table["MSN target encoder"]["1"]["mean"])
+        overrides = (tmp_path / trial / ".hydra" / "overrides.yaml").read_text()
+        params.append(next(line for line in overrides.splitlines() if "model.mask_ratio=" in line))
+    assert len(set(params)) == 3  # the sampler proposed three different mask ratios
+    results = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
+    assert results["best_value"] == pytest.approx(max(scores))
+    assert set(results["best_params"]) == {"model.mask_ratio", "model.num_prototypes", "model.optim.ref_lr"}
