@@ -214,7 +214,8 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         if "lowshot" not in result:
             raise ConfigError(
                 [
-                    f"optimized_metric={str(metric)!r} needs the low-shot table (lowshot.enabled and labelled data)"
+                    f"optimized_metric={str(metric)!r} needs the low-shot table "
+                    "(lowshot.enabled and labelled data)"
                 ]
             )
         value = objective_value(result["lowshot"], str(metric))
