@@ -198,8 +198,8 @@ class RandomStateCheckpoint(L.Callback):
 class ResumeCheckpoint(ModelCheckpoint):
     """The resume point: ``last.ckpt`` plus the newest ``keep_last`` ``stepNNNNNNNN.ckpt`` files.
 
-    Saved every ``every_n_train_steps`` optimizer steps, after the last batch of every epoch, at the end of
-    training and whenever :meth:`save_now` is called (preemption); never twice for one step and
+    Saved every ``every_n_train_steps`` optimizer steps, after the last batch of every epoch, at
+    the end of training and whenever :meth:`save_now` is called (preemption); never twice for one step and
     never after an exception (the last good checkpoint stays as it was). Older step files are
     deleted by Lightning's top-k rotation (monitor ``step``, highest kept).
 

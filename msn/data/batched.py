@@ -159,9 +159,10 @@ class BatchedMultiView(nn.Module):
     ``hflip_p``, ``in_chans``, ``mean``/``std``) and validates them the same way.
 
     Shapes: ``forward(images, generator=None)`` with ``images`` uint8 (B, C, H, W) (or float in
-    [0, 1]) returns
-    ``1 + rand_views + focal_views`` float tensors: (B, C, rand_size, rand_size) for the target
-    and anchor views, then (B, C, focal_size, focal_size) for the focal views, normalised.
+    [0, 1]) returns ``1 + rand_views + focal_views`` float tensors: (B, C, rand_size, rand_size)
+    for the target and anchor views, then (B, C, focal_size, focal_size) for the focal views,
+    normalised. Random numbers come from ``generator`` (a per-batch one in training, see
+    :func:`msn.data.resumable.batch_seed`), else the one given at construction, else the global one.
     """
 
     def __init__(self, generator: torch.Generator | None = None, **kwargs: object) -> None:
