@@ -18,7 +18,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from msn.backbone import PATCH_SIZES, VIT_SIZES
 from msn.data.datasets import ON_BAD_IMAGE
-from msn.lowshot import percent_label
+from msn.evaluate import lowshot_json_keys
 from msn.masking import MASK_MODES
 from msn.reliability import ON_NONFINITE
 
@@ -268,9 +268,11 @@ def validate_config(cfg: DictConfig, environment: bool = True) -> None:
 
     metric = cfg.get("optimized_metric")
     if metric is not None:
-        columns = [str(k) for k in _get(cfg, "lowshot.shots") or []]
-        columns += [percent_label(p) for p in _get(cfg, "lowshot.percents") or []]
-        columns += [Path(str(f)).stem for f in _get(cfg, "lowshot.subset_files") or []]
+        columns = lowshot_json_keys(
+            _get(cfg, "lowshot.shots") or [],
+            _get(cfg, "lowshot.percents") or [],
+            _get(cfg, "lowshot.subset_files") or [],
+        )
         if not _get(cfg, "lowshot.enabled", False):
             problems.append(
                 f"optimized_metric={str(metric)!r} needs lowshot.enabled=true (it is read from that table)"

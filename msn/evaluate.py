@@ -22,6 +22,7 @@ from msn.lowshot import (
     lowshot_eval_splits,
     lowshot_splits,
     match_subset,
+    percent_label,
     raw_pixel_features,
     read_subset_file,
 )
@@ -177,6 +178,15 @@ def _json_key(column: str) -> str:
     """Key of a column in ``lowshot.json``: ``"k=5" -> "5"`` (as before), others unchanged."""
     m = _SHOT_COLUMN.fullmatch(column)
     return m.group(1) if m else column
+
+
+def lowshot_json_keys(
+    shots: Sequence[int], percents: Sequence[float] = (), subset_files: Sequence[str | Path] = ()
+) -> list[str]:
+    """Keys of the columns of ``lowshot.json`` that a low-shot config produces (``"1"``,
+    ``"10%"``, a subset file's stem; the table sorts the shots): what ``optimized_metric`` may name."""
+    columns = [f"k={int(k)}" for k in shots] + [percent_label(p) for p in percents]
+    return [_json_key(c) for c in columns] + [Path(str(f)).stem for f in subset_files]
 
 
 def lowshot_report(

@@ -12,7 +12,13 @@ from PIL import Image
 from torch.utils.data import Subset, TensorDataset
 
 from msn.data import build_dataset, eval_transform
-from msn.evaluate import dataset_file_paths, lowshot_from_config, lowshot_report, plot_lowshot
+from msn.evaluate import (
+    dataset_file_paths,
+    lowshot_from_config,
+    lowshot_json_keys,
+    lowshot_report,
+    plot_lowshot,
+)
 from msn.lowshot import format_table
 
 
@@ -104,6 +110,7 @@ def test_percents_and_lambda_list(data, tmp_path):
     for name, lam in [(msn_rows[0], 0.0025), (msn_rows[1], 1.0), ("raw pixels", 0.0025)]:
         assert list(payload[name]) == ["1", "2", "10%", "50%"]
         assert all(v["lambd"] == lam and 0 <= v["mean"] <= 100 for v in payload[name].values())
+    assert sorted(lowshot_json_keys(cfg.shots, cfg.percents)) == sorted(payload[msn_rows[0]])
     # 10% of 10 images is 1 per class, i.e. the same subsets as k=1 (nested, same seeds).
     assert payload[msn_rows[0]]["10%"] == payload[msn_rows[0]]["1"]
     # A single lambda equals the corresponding row of the sweep.
@@ -169,6 +176,7 @@ def test_subset_files_on_imagefolder(folder, tmp_path):
     assert _header(table) == ["features", "k=1", "50%", "1img", "2img"]
     payload = json.loads((out / "lowshot.json").read_text())
     assert list(payload["MSN target encoder"]) == ["1", "50%", "1img", "2img"]
+    assert lowshot_json_keys(cfg.shots, cfg.percents, cfg.subset_files) == ["1", "50%", "1img", "2img"]
     for row in payload.values():
         assert row["1img"]["std"] == 0.0 and row["2img"]["std"] == 0.0
         assert 0 <= row["1img"]["mean"] <= 100
