@@ -70,13 +70,13 @@ def test_paper_recipes_match_reference(experiment, tmp_path):
         (["model.mask_ratio=1.0"], "model.mask_ratio=1.0 must be a number in [0, 1)"),
         (["model.mask_ratio=-0.1"], "model.mask_ratio=-0.1 must be a number in [0, 1)"),
         (
-            ["data.transform.focal_size=2"],
-            "data.transform.focal_size=2 is smaller than one patch (model.encoder.patch_size=4); use a "
+            ["data.transform.focal_views=2", "data.transform.focal_size=2"],
+            "data.transform.focal_size=2 is smaller than one patch (model.encoder.patch_size=8); use a "
             "larger focal crop or data.transform.focal_views=0",
         ),
         (
             ["data.transform.rand_size=3"],
-            "data.transform.rand_size=3 is smaller than one patch (model.encoder.patch_size=4)",
+            "data.transform.rand_size=3 is smaller than one patch (model.encoder.patch_size=8)",
         ),
         (["model.num_prototypes=0"], "model.num_prototypes=0 must be an integer >= 1"),
         (

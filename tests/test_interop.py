@@ -336,6 +336,7 @@ def test_train_py_continues_from_a_full_official_checkpoint(tmp_path):
         f"hydra.run.dir={tmp_path / 'run'}",
         f"init_from={tmp_path / 'full.pth.tar'}",
         "+model.encoder.depth=2",
+        "model.encoder.patch_size=4",  # the checkpoint's patch size (msn_artefacts.ENCODER)
         "model.head.hidden_dim=32",
         "model.head.out_dim=16",
         "model.num_prototypes=8",

@@ -148,6 +148,10 @@ TINY = [
     "lowshot.enabled=false",
     "callbacks.resume_checkpoint.every_n_train_steps=3",
     "+logger.csv.flush_logs_every_n_steps=1",
+    # PIL views in the workers (the official path, drawn from the random states the checkpoint
+    # carries) and a focal view: the digits default makes its views on the device and has none.
+    "data.augment_on=workers",
+    "data.transform.focal_views=1",
 ]
 
 
