@@ -75,3 +75,16 @@ def test_script_prints_both_tables_for_a_checkpoint(tmp_path, monkeypatch, capsy
     assert int(cells[1]) == 96 and 1.0 <= float(cells[2]) <= 96.0  # dim, effective rank
     assert all(0.0 <= float(c) <= 100.0 for c in cells[4:])
     assert sum(line.startswith("| ") and line[2].isdigit() for line in out.splitlines()) == 10
+
+
+def test_too_many_shots_fail_before_the_encoder_runs(tmp_path, monkeypatch):
+    geo = _script()
+    ckpt = save_lightning(msn_module(), tmp_path / "tiny.ckpt")
+
+    def no_encoder(*args, **kwargs):
+        raise AssertionError("the encoder ran before k was checked")
+
+    monkeypatch.setattr(geo, "extract_features", no_encoder)
+    monkeypatch.setattr(sys, "argv", ["feature_geometry.py", str(ckpt), "--data", "digits", "--shots", "500"])
+    with pytest.raises(ValueError, match="cannot sample k=500 images per class"):
+        geo.main()
