@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
 from sklearn.exceptions import ConvergenceWarning
 
+from msn.finetune import eval_datamodule
 from msn.interop import msn_module, read_checkpoint
 from msn.knn import knn_accuracy
 from msn.lowshot import (
@@ -110,8 +110,7 @@ def main() -> None:
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
         cfg = compose("finetune", overrides=[f"data={args.data}", f"ckpt={args.ckpt}", "output_dir=."])
     ckpt = read_checkpoint(args.ckpt)
-    # Evaluate at the resolution the encoder was pre-trained at, as finetune.py does.
-    datamodule = instantiate(cfg.data, eval_img_size=ckpt.encoder_kwargs["img_size"], _convert_="all")
+    datamodule = eval_datamodule(cfg.data, ckpt)  # as finetune.py: the checkpoint's resolution
     train_ds, test_ds = datamodule.eval_datasets()
     raw = (*raw_pixel_features(train_ds), *raw_pixel_features(test_ds))
     for seed in DEFAULT_SEEDS:  # a k larger than the smallest class fails here, before the encoder runs

@@ -25,6 +25,7 @@ from msn.lowshot import (
     percent_label,
     raw_pixel_features,
     read_subset_file,
+    shot_label,
 )
 
 #: ``{column: (mean, std)}``: columns are ``"k=1"``, ``"1%"``, a subset file stem, ... (ints
@@ -185,7 +186,7 @@ def lowshot_json_keys(
 ) -> list[str]:
     """Keys of the columns of ``lowshot.json`` that a low-shot config produces (``"1"``,
     ``"10%"``, a subset file's stem; the table sorts the shots): what ``optimized_metric`` may name."""
-    columns = [f"k={int(k)}" for k in shots] + [percent_label(p) for p in percents]
+    columns = [shot_label(k) for k in shots] + [percent_label(p) for p in percents]
     return [_json_key(c) for c in columns] + [Path(str(f)).stem for f in subset_files]
 
 

@@ -28,7 +28,7 @@ from msn.config import ConfigError
 from msn.evaluate import knn_report, linear_report, lowshot_from_config
 from msn.feature_cache import FeatureCache, file_fingerprint
 from msn.finetuning import check_finetune_config, finetune_summary, run_finetune
-from msn.interop import msn_module, read_checkpoint
+from msn.interop import Checkpoint, msn_module, read_checkpoint
 from msn.module import MSNModule
 from msn.train import CONFIG_DIR
 
@@ -57,6 +57,20 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def eval_datamodule(data_cfg: DictConfig, ckpt: Checkpoint) -> Any:
+    """The data module of ``data_cfg`` for evaluating ``ckpt``: at the resolution its encoder was
+    pre-trained at, after checking that the channel counts agree (ConfigError if not)."""
+    encoder = ckpt.encoder_kwargs
+    if data_cfg.in_chans != encoder["in_chans"]:
+        raise ConfigError(
+            [
+                f"data.in_chans={data_cfg.in_chans} but the checkpoint's encoder takes "
+                f"{encoder['in_chans']} channels"
+            ]
+        )
+    return instantiate(data_cfg, eval_img_size=encoder["img_size"], _convert_="all")
+
+
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Run the evaluation ``cfg.mode`` on ``cfg.ckpt``; returns the printed table and paths."""
     if cfg.mode not in MODES:
@@ -67,16 +81,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if cfg.mode == "finetune" and (problems := check_finetune_config(cfg.finetune)):
         raise ConfigError(problems)
     ckpt = read_checkpoint(cfg.ckpt)
-    encoder = ckpt.encoder_kwargs
-    if cfg.data.in_chans != encoder["in_chans"]:
-        raise ConfigError(
-            [
-                f"data.in_chans={cfg.data.in_chans} but the checkpoint's encoder takes "
-                f"{encoder['in_chans']} channels"
-            ]
-        )
-    # Evaluate at the resolution the encoder was pre-trained at.
-    datamodule = instantiate(cfg.data, eval_img_size=encoder["img_size"], _convert_="all")
+    datamodule = eval_datamodule(cfg.data, ckpt)
     train_ds, test_ds = datamodule.eval_datasets()  # ValueError with a clear message if unlabeled
     output_dir = Path(cfg.output_dir)
     if cfg.mode == "finetune":
@@ -104,7 +109,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         fingerprint = {
             "ckpt": file_fingerprint(ckpt.weights_file),
             "data": data,
-            "eval_img_size": encoder["img_size"],
+            "eval_img_size": ckpt.encoder_kwargs["img_size"],
             "features": model.feature_kind,
             "seed": cfg.seed,
             "sizes": [len(train_ds), len(test_ds)],

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from msn.backbone import build_vit, embed_tokens, forward_tokens
 from msn.interop import Checkpoint, load_encoder_state, set_layer_norm_eps
-from msn.lowshot import percent_label, sample_k_per_class, sample_percent_per_class
+from msn.lowshot import percent_label, sample_k_per_class, sample_percent_per_class, shot_label
 
 
 def classify(vit: VisionTransformer, images: Tensor) -> Tensor:
@@ -203,7 +203,7 @@ def label_subset(
     if percent is not None:
         return sample_percent_per_class(labels, percent, seed), percent_label(percent)
     if shots is not None:
-        return sample_k_per_class(labels, shots, seed), f"k={int(shots)}"
+        return sample_k_per_class(labels, shots, seed), shot_label(shots)
     return np.arange(len(labels)), "100%"
 
 

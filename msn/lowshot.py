@@ -51,6 +51,7 @@ __all__ = [
     "sample_k_per_class",
     "sample_per_class",
     "sample_percent_per_class",
+    "shot_label",
     "subset_accuracy",
 ]
 
@@ -316,6 +317,11 @@ def sample_percent_per_class(labels: np.ndarray, percent: float, seed: int) -> n
     return sample_per_class(labels, lambda sizes: percent_counts(sizes, percent), seed)
 
 
+def shot_label(k: int) -> str:
+    """Column name of a k-shot split: ``1 -> "k=1"``."""
+    return f"k={int(k)}"
+
+
 def percent_label(percent: float) -> str:
     """Column name of a percent subset: ``1 -> "1%"``, ``0.5 -> "0.5%"``."""
     return f"{float(percent):g}%"
@@ -339,7 +345,7 @@ def lowshot_splits(
         _check_percent(p)
     splits: dict[str, list[np.ndarray]] = {}
     for k in shots:
-        _add_split(splits, f"k={int(k)}", [sample_k_per_class(labels, k, s) for s in seeds])
+        _add_split(splits, shot_label(k), [sample_k_per_class(labels, k, s) for s in seeds])
     for p in percents:
         _add_split(splits, percent_label(p), [sample_percent_per_class(labels, p, s) for s in seeds])
     return splits
@@ -612,7 +618,7 @@ def lowshot_eval(
     train_x, train_y, test_x, test_y = _check_train_test(train_x, train_y, test_x, test_y)
     splits = lowshot_splits(train_y, shots, (), seeds)  # raises for a bad k, naming the class
     table = lowshot_eval_splits(train_x, train_y, test_x, test_y, splits, [lambd], progress=progress)
-    return {int(k): table[float(lambd)][f"k={int(k)}"] for k in shots}
+    return {int(k): table[float(lambd)][shot_label(k)] for k in shots}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -637,7 +643,7 @@ def format_table(
     shots = sorted({int(k) for k in keys if not isinstance(k, str)})
     named = list(dict.fromkeys(k for k in keys if isinstance(k, str)))
     columns: list[int | str] = [*shots, *named]
-    header = ["features"] + [k if isinstance(k, str) else f"k={k}" for k in columns]
+    header = ["features"] + [k if isinstance(k, str) else shot_label(k) for k in columns]
     body = [
         [name] + [f"{row[k][0]:.1f} ± {row[k][1]:.1f}" if k in row else "-" for k in columns]
         for name, row in results.items()

@@ -88,3 +88,16 @@ def test_too_many_shots_fail_before_the_encoder_runs(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["feature_geometry.py", str(ckpt), "--data", "digits", "--shots", "500"])
     with pytest.raises(ValueError, match="cannot sample k=500 images per class"):
         geo.main()
+
+
+def test_a_checkpoint_for_other_channels_is_refused_as_by_finetune_py(tmp_path, monkeypatch):
+    from msn_artefacts import ENCODER, HEAD, NUM_PROTOTYPES
+
+    from msn.config import ConfigError
+    from msn.module import MSNModule
+
+    rgb = MSNModule(encoder={**ENCODER, "in_chans": 3}, head=HEAD, num_prototypes=NUM_PROTOTYPES)
+    ckpt = save_lightning(rgb, tmp_path / "rgb.ckpt")
+    monkeypatch.setattr(sys, "argv", ["feature_geometry.py", str(ckpt), "--data", "digits"])
+    with pytest.raises(ConfigError, match="data.in_chans=1 but the checkpoint's encoder takes 3 channels"):
+        _script().main()
