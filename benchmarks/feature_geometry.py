@@ -113,8 +113,9 @@ def main() -> None:
     datamodule = eval_datamodule(cfg.data, ckpt)  # as finetune.py: the checkpoint's resolution
     train_ds, test_ds = datamodule.eval_datasets()
     raw = (*raw_pixel_features(train_ds), *raw_pixel_features(test_ds))
+    train_y, test_y = raw[1], raw[3]  # the labels, the same for both kinds of features
     for seed in DEFAULT_SEEDS:  # a k larger than the smallest class fails here, before the encoder runs
-        sample_k_per_class(raw[1], args.shots, seed)
+        sample_k_per_class(train_y, args.shots, seed)
     model = msn_module(ckpt, "cpu")
     feats = {
         "MSN target encoder": (
@@ -130,8 +131,8 @@ def main() -> None:
 
     k = args.shots
     print(
-        f"\n{args.data}: {len(tr_y)} train / {len(te_y)} test images; k-shot: mean of {len(DEFAULT_SEEDS)} "
-        "splits; all-label logistic: at most 1,000 L-BFGS iterations\n"
+        f"\n{args.data}: {len(train_y)} train / {len(test_y)} test images; "
+        f"k-shot: mean of {len(DEFAULT_SEEDS)} splits; all-label logistic: at most 1,000 L-BFGS iterations\n"
     )
     head = [
         "features",
@@ -147,7 +148,7 @@ def main() -> None:
     for row in rows:
         print("| " + " | ".join(row) + " |")
 
-    classes = getattr(test_ds, "classes", None) or [str(c) for c in np.unique(te_y)]
+    classes = getattr(test_ds, "classes", None) or [str(c) for c in np.unique(test_y)]
     order = np.argsort(per_class["MSN target encoder"])
     print(f"\nk={k} accuracy per class (%), lowest first\n")
     print("| class | " + " | ".join(per_class) + " |")
