@@ -206,14 +206,16 @@ def lowshot_report(
     cache: FeatureCache | None = None,
     percents: Sequence[float] = (),
     subset_files: Sequence[str | Path] = (),
+    name: str = "MSN target encoder",
 ) -> str:
     """Low-shot table of ``model.features`` (plus optional random-init and raw-pixel rows).
 
     Columns: ``k=1``, ``k=2``, ... (``shots``, increasing), then ``1%``, ``10%``, ...
     (``percents``: that share of every class from the same seeded permutations, so the subsets
     are nested with the k-shot ones), then one column per official subset file (named by its
-    stem; a single split, std 0). With several ``lambd`` values the MSN row becomes one row per
-    value (``MSN target encoder (λ=0.0025)``); the baselines use the first value.
+    stem; a single split, std 0). The features' row is called ``name``; with several ``lambd``
+    values it becomes one row per value (``MSN target encoder (λ=0.0025)``); the baselines use
+    the first value.
 
     Writes ``lowshot.json`` (``{row: {column: {"mean", "std", "lambd"}}}``, k-shot columns keyed
     ``"1"``, ``"2"``, ...) and ``lowshot.png`` (k-shot columns only) into ``output_dir``; returns
@@ -258,7 +260,7 @@ def lowshot_report(
 
     msn = run(frozen_features(model, train_ds, test_ds, batch_size, "features", cache=cache), lambdas)
     for lam, res in msn.items():
-        add("MSN target encoder" if len(lambdas) == 1 else f"MSN target encoder (λ={lam:g})", res, lam)
+        add(name if len(lambdas) == 1 else f"{name} (λ={lam:g})", res, lam)
     base = lambdas[:1]
     if baseline_model is not None:
         label = "random-init features"
@@ -288,8 +290,9 @@ def lowshot_from_config(
     seed: int,
     output_dir: Path,
     cache: FeatureCache | None = None,
+    name: str = "MSN target encoder",
 ) -> str:
-    """:func:`lowshot_report` driven by an ``eval/lowshot`` config node.
+    """:func:`lowshot_report` driven by an ``eval/lowshot`` config node; ``name``: the features' row.
 
     Keys: ``shots``, ``seeds``, ``lambd`` (number or list), ``batch_size``, ``random_init``,
     ``raw_pixels`` and the optional ``percents`` and ``subset_files`` (default empty).
@@ -319,6 +322,7 @@ def lowshot_from_config(
         cache=cache,
         percents=percents,
         subset_files=subset_files,
+        name=name,
     )
 
 

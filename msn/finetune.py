@@ -141,6 +141,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             seed=cfg.seed,
             output_dir=output_dir,
             cache=cache,
+            # A fine-tuned checkpoint's encoder has seen labels: its row must not read as MSN's.
+            name="fine-tuned encoder" if ckpt.format == "finetuned" else "MSN target encoder",
         )
     print("\n" + table, flush=True)
     return {"output_dir": str(output_dir), "report": table}
