@@ -135,9 +135,9 @@ def test_finetune_run_from_official_checkpoint_then_export(tmp_path):
     # the same checkpoint serves the frozen-feature modes too
     knn = evaluate(_cfg(tmp_path / "knn", f"ckpt={ckpts / 'best.ckpt'}", "mode=knn", "cache_dir=null"))
     assert "kNN accuracy" in knn["report"]
-    lowshot = _cfg(tmp_path / "lowshot", f"ckpt={ckpts / 'best.ckpt'}", "mode=lowshot", "cache_dir=null")
-    lowshot.lowshot.update(shots=[1], random_init=False, raw_pixels=False)
-    evaluate(lowshot)
+    cfg = _cfg(tmp_path / "lowshot", f"ckpt={ckpts / 'best.ckpt'}", "mode=lowshot", "cache_dir=null")
+    cfg.lowshot.update(shots=[1], random_init=False, raw_pixels=False)
+    evaluate(cfg)
     # its encoder has seen labels, so its row is not called an MSN one
     assert list(json.loads((tmp_path / "lowshot" / "lowshot.json").read_text())) == ["fine-tuned encoder"]
 
