@@ -32,6 +32,8 @@ from msn.lowshot import (
 #: ``k`` are accepted too, as before).
 Results = dict[Any, tuple[float, float]]
 
+#: Row of the low-shot table (and key of ``lowshot.json``) for an MSN checkpoint's features.
+MSN_ROW = "MSN target encoder"
 _SUBSET_KEY = "lowshot.subset_files"
 _SHOT_COLUMN = re.compile(r"k=(\d+)")
 
@@ -206,7 +208,7 @@ def lowshot_report(
     cache: FeatureCache | None = None,
     percents: Sequence[float] = (),
     subset_files: Sequence[str | Path] = (),
-    name: str = "MSN target encoder",
+    name: str = MSN_ROW,
 ) -> str:
     """Low-shot table of ``model.features`` (plus optional random-init and raw-pixel rows).
 
@@ -290,7 +292,7 @@ def lowshot_from_config(
     seed: int,
     output_dir: Path,
     cache: FeatureCache | None = None,
-    name: str = "MSN target encoder",
+    name: str = MSN_ROW,
 ) -> str:
     """:func:`lowshot_report` driven by an ``eval/lowshot`` config node; ``name``: the features' row.
 
