@@ -31,6 +31,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from sklearn.exceptions import ConvergenceWarning
 
+from msn.evaluate import MSN_ROW
 from msn.finetune import eval_datamodule
 from msn.interop import msn_module, read_checkpoint
 from msn.knn import knn_accuracy
@@ -118,7 +119,7 @@ def main() -> None:
         sample_k_per_class(train_y, args.shots, seed)
     model = msn_module(ckpt, "cpu")
     feats = {
-        "MSN target encoder": (
+        MSN_ROW: (
             *extract_features(model.features, train_ds, desc="features (train)"),
             *extract_features(model.features, test_ds, desc="features (test)"),
         ),
@@ -149,7 +150,7 @@ def main() -> None:
         print("| " + " | ".join(row) + " |")
 
     classes = getattr(test_ds, "classes", None) or [str(c) for c in np.unique(test_y)]
-    order = np.argsort(per_class["MSN target encoder"])
+    order = np.argsort(per_class[MSN_ROW])
     print(f"\nk={k} accuracy per class (%), lowest first\n")
     print("| class | " + " | ".join(per_class) + " |")
     print("|:--|" + "--:|" * len(per_class))
