@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -39,9 +40,10 @@ from msn.lowshot import (
     DEFAULT_SEEDS,
     extract_features,
     fit_logistic,
+    lowshot_splits,
     preprocess,
     raw_pixel_features,
-    sample_k_per_class,
+    shot_label,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,13 +60,17 @@ def spectrum(x: np.ndarray) -> tuple[float, float]:
 
 
 def per_class_kshot(
-    train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, k: int
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    test_x: np.ndarray,
+    test_y: np.ndarray,
+    splits: Sequence[np.ndarray],
 ) -> tuple[float, np.ndarray]:
-    """k-shot accuracy (%) and per-class accuracies (%), each the mean over the fixed splits."""
+    """Accuracy (%) and per-class accuracies (%) of the k-shot ``splits`` (train indices, e.g.
+    from :func:`msn.lowshot.lowshot_splits`), each the mean over the splits."""
     classes = np.unique(test_y)
     overall, per_class = [], []
-    for seed in DEFAULT_SEEDS:
-        idx = sample_k_per_class(train_y, k, seed)
+    for idx in splits:
         x_tr, x_te = preprocess(train_x[idx], test_x)
         pred = fit_logistic(x_tr, train_y[idx]).predict(x_te)
         overall.append(100.0 * np.mean(pred == test_y))
@@ -73,7 +79,12 @@ def per_class_kshot(
 
 
 def report(
-    name: str, train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, k: int
+    name: str,
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    test_x: np.ndarray,
+    test_y: np.ndarray,
+    splits: Sequence[np.ndarray],
 ) -> tuple[list[str], np.ndarray]:
     """One table row of figures, and the per-class k-shot accuracies."""
     t0 = time.perf_counter()
@@ -85,7 +96,7 @@ def report(
         # short of the 1e-10 tolerance set for the small k-shot problems; say so once, below.
         warnings.simplefilter("ignore", ConvergenceWarning)
         all_labels = 100.0 * np.mean(fit_logistic(rows_tr, train_y).predict(rows_te) == test_y)
-    kshot, per_class = per_class_kshot(train_x, train_y, test_x, test_y, k)
+    kshot, per_class = per_class_kshot(train_x, train_y, test_x, test_y, splits)
     print(f"  {name}: {time.perf_counter() - t0:.0f} s", flush=True)
     cells = [
         name,
@@ -115,8 +126,9 @@ def main() -> None:
     train_ds, test_ds = datamodule.eval_datasets()
     raw = (*raw_pixel_features(train_ds), *raw_pixel_features(test_ds))
     train_y, test_y = raw[1], raw[3]  # the labels, the same for both kinds of features
-    for seed in DEFAULT_SEEDS:  # a k larger than the smallest class fails here, before the encoder runs
-        sample_k_per_class(train_y, args.shots, seed)
+    # Drawn once for both feature sets; a k larger than the smallest class fails here, before the
+    # encoder runs.
+    splits = lowshot_splits(train_y, [args.shots], (), DEFAULT_SEEDS)[shot_label(args.shots)]
     model = msn_module(ckpt, "cpu")
     feats = {
         MSN_ROW: (
@@ -127,7 +139,7 @@ def main() -> None:
     }
     rows, per_class = [], {}
     for name, (tr_x, tr_y, te_x, te_y) in feats.items():
-        row, per_class[name] = report(name, tr_x, tr_y, te_x, te_y, args.shots)
+        row, per_class[name] = report(name, tr_x, tr_y, te_x, te_y, splits)
         rows.append(row)
 
     k = args.shots

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from msn_artefacts import msn_module, save_lightning
 
-from msn.lowshot import DEFAULT_SEEDS, lowshot_accuracy
+from msn.lowshot import DEFAULT_SEEDS, lowshot_accuracy, lowshot_splits
 
 
 def _script():
@@ -54,7 +54,8 @@ def test_per_class_kshot_agrees_with_the_lowshot_protocol():
     train_y, test_y = np.repeat(np.arange(3), 30), np.repeat(np.arange(3), 50)
     train_x = centres[train_y] + rng.normal(size=(90, 8)) * 1.5
     test_x = centres[test_y] + rng.normal(size=(150, 8)) * 1.5
-    overall, per_class = geo.per_class_kshot(train_x, train_y, test_x, test_y, k=2)
+    splits = lowshot_splits(train_y, [2], (), DEFAULT_SEEDS)["k=2"]
+    overall, per_class = geo.per_class_kshot(train_x, train_y, test_x, test_y, splits)
     expected = np.mean([lowshot_accuracy(train_x, train_y, test_x, test_y, 2, s) for s in DEFAULT_SEEDS])
     assert overall == pytest.approx(expected, abs=1e-9)
     assert per_class.shape == (3,)
