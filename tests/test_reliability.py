@@ -154,6 +154,17 @@ def test_truncated_checkpoint_is_detected_and_passed_over(tmp_path):
     assert resolve_ckpt_path("last", tmp_path / "elsewhere" / "run") is None
 
 
+def test_a_step_file_written_after_last_ckpt_is_the_resume_point(tmp_path):
+    # A kill between writing the step file and last.ckpt leaves the step file the newer one.
+    ckpt = tmp_path / "run" / "checkpoints"
+    atomic_torch_save({"step": 3}, ckpt / "last.ckpt")
+    atomic_torch_save({"step": 3}, ckpt / "step00000003.ckpt")
+    atomic_torch_save({"step": 5}, ckpt / "step00000005.ckpt")
+    for name, mtime in (("step00000003.ckpt", 100), ("last.ckpt", 101), ("step00000005.ckpt", 102)):
+        os.utime(ckpt / name, (mtime, mtime))
+    assert resolve_ckpt_path("last", tmp_path / "run") == str(ckpt / "step00000005.ckpt")
+
+
 def test_requeued_slurm_job_resumes_by_itself():
     assert requested_ckpt_path(None, {"SLURM_RESTART_COUNT": "2"}) == "last"
     assert requested_ckpt_path(None, {"SLURM_RESTART_COUNT": "0"}) is None
