@@ -249,10 +249,12 @@ def test_sigkill_at_a_random_step_then_resume_logs_the_uninterrupted_losses(refe
     proc.kill()  # SIGKILL
     proc.communicate()
     # The kill may fall between writing a step file and last.ckpt: the resume point is the newest
-    # step among all the finished checkpoint files (temporary files of a cut write are hidden).
+    # step among the finished resume files (a cut write leaves only a hidden ``.tmp`` file).
+    ckpt_dir = run / "checkpoints"
     saved = max(
         torch.load(path, map_location="cpu", weights_only=True)["global_step"]
-        for path in (run / "checkpoints").glob("*.ckpt")
+        for path in [ckpt_dir / "last.ckpt", *ckpt_dir.glob("step*.ckpt")]
+        if path.is_file()
     )
     assert saved > 0 and (saved % 3 == 0 or saved % 5 == 0), saved  # every 3 steps and at epoch ends
 
