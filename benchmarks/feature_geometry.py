@@ -32,7 +32,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from sklearn.exceptions import ConvergenceWarning
 
-from msn.evaluate import MSN_ROW
+from msn.evaluate import MSN_ROW, RAW_PIXELS_ROW
 from msn.finetune import eval_datamodule
 from msn.interop import msn_module, read_checkpoint
 from msn.knn import knn_accuracy
@@ -135,7 +135,7 @@ def main() -> None:
             *extract_features(model.features, train_ds, desc="features (train)"),
             *extract_features(model.features, test_ds, desc="features (test)"),
         ),
-        "raw pixels": raw,
+        RAW_PIXELS_ROW: raw,
     }
     rows, per_class = [], {}
     for name, (tr_x, tr_y, te_x, te_y) in feats.items():

@@ -31,12 +31,12 @@ from pathlib import Path
 
 import torch
 
-from msn.evaluate import MSN_ROW
+from msn.evaluate import MSN_ROW, RANDOM_INIT_ROW, RAW_PIXELS_ROW
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 SHOTS = (1, 2, 5, 10)
-ROWS = (MSN_ROW, "random init", "raw pixels")
+ROWS = (MSN_ROW, RANDOM_INIT_ROW, RAW_PIXELS_ROW)
 # What the issue asks of the recipe (1-shot and 10-shot accuracy, %).
 TARGETS = {1: 60.0, 10: 78.0}
 
@@ -99,7 +99,7 @@ def table(results: dict, train_s: float, eval_s: float) -> str:
 
 def verdict(results: dict) -> list[str]:
     """Whether the MSN row beats raw pixels at every k and meets the 1- and 10-shot targets."""
-    msn, raw = results[MSN_ROW], results.get("raw pixels")
+    msn, raw = results[MSN_ROW], results.get(RAW_PIXELS_ROW)
     out = []
     if raw is not None:
         worse = [k for k in SHOTS if msn[str(k)]["mean"] <= raw[str(k)]["mean"]]

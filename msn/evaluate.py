@@ -32,8 +32,12 @@ from msn.lowshot import (
 #: ``k`` are accepted too, as before).
 Results = dict[Any, tuple[float, float]]
 
-#: Row of the low-shot table (and key of ``lowshot.json``) for an MSN checkpoint's features.
+#: Rows of the low-shot table (and keys of ``lowshot.json``): an MSN checkpoint's features, those
+#: of a fine-tuned checkpoint (its encoder has seen labels), and the two baselines.
 MSN_ROW = "MSN target encoder"
+FINETUNED_ROW = "fine-tuned encoder"
+RANDOM_INIT_ROW = "random init"
+RAW_PIXELS_ROW = "raw pixels"
 _SUBSET_KEY = "lowshot.subset_files"
 _SHOT_COLUMN = re.compile(r"k=(\d+)")
 
@@ -267,11 +271,11 @@ def lowshot_report(
     if baseline_model is not None:
         label = "random-init features"
         feats = frozen_features(baseline_model, train_ds, test_ds, batch_size, label, cache=cache)
-        add("random init", run(feats, base)[base[0]], base[0])
+        add(RANDOM_INIT_ROW, run(feats, base)[base[0]], base[0])
     if raw_pixels:
         rx, ry = raw_pixel_features(train_ds)
         tx, ty = raw_pixel_features(test_ds)
-        add("raw pixels", run((rx, ry, tx, ty), base)[base[0]], base[0])
+        add(RAW_PIXELS_ROW, run((rx, ry, tx, ty), base)[base[0]], base[0])
     payload = {
         name: {_json_key(c): {"mean": m, "std": s, "lambd": lambd_of[name]} for c, (m, s) in res.items()}
         for name, res in results.items()

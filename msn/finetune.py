@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from msn.backbone import FEATURE_KINDS
 from msn.config import ConfigError
-from msn.evaluate import MSN_ROW, knn_report, linear_report, lowshot_from_config
+from msn.evaluate import FINETUNED_ROW, MSN_ROW, knn_report, linear_report, lowshot_from_config
 from msn.feature_cache import FeatureCache, file_fingerprint
 from msn.finetuning import check_finetune_config, finetune_summary, run_finetune
 from msn.interop import Checkpoint, msn_module, read_checkpoint
@@ -142,7 +142,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             output_dir=output_dir,
             cache=cache,
             # A fine-tuned checkpoint's encoder has seen labels: its row must not read as MSN's.
-            name="fine-tuned encoder" if ckpt.format == "finetuned" else MSN_ROW,
+            name=FINETUNED_ROW if ckpt.format == "finetuned" else MSN_ROW,
         )
     print("\n" + table, flush=True)
     return {"output_dir": str(output_dir), "report": table}

@@ -29,7 +29,7 @@ from omegaconf import DictConfig
 from msn.checkpointing import CheckpointWriteError, ResumeCheckpoint, checkpoint_is_complete
 from msn.config import ConfigError, validate_config
 from msn.data.datasets import BadImageError, bad_image_summary
-from msn.evaluate import lowshot_from_config
+from msn.evaluate import MSN_ROW, lowshot_from_config
 from msn.interop import init_msn_module
 from msn.reliability import PreemptionHandler, TrainingAborted
 
@@ -122,7 +122,7 @@ def run_lowshot(model: Any, datamodule: Any, cfg: DictConfig, output_dir: Path) 
 def objective_value(lowshot: dict[str, Any], column: str) -> float:
     """The number a hyper-parameter sweeper optimises: mean accuracy of the first MSN row of
     ``lowshot.json`` in ``column`` (``"1"`` for k=1, ``"10%"``, a subset file's stem ...)."""
-    row = next((name for name in lowshot if name.startswith("MSN")), None)
+    row = next((name for name in lowshot if name.startswith(MSN_ROW)), None)
     if row is None:
         raise ConfigError([f"optimized_metric={column!r}: the low-shot table has no MSN row"])
     if column not in lowshot[row]:
