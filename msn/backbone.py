@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
@@ -88,8 +87,11 @@ def build_vit(
         # pos_embed trunc_normal(0.02), as the official MSN encoder.
         weight_init="",
     )
-    # ...except the class token, which timm starts near zero (std 1e-6) and MSN at std 0.02.
+    # timm starts the class token near zero (std 1e-6) and leaves the patch convolution at
+    # PyTorch's default; the official encoder uses trunc_normal(0.02) and kaiming_normal.
     nn.init.trunc_normal_(vit.cls_token, std=0.02)
+    nn.init.kaiming_normal_(vit.patch_embed.proj.weight, mode="fan_in", nonlinearity="relu")
+    nn.init.zeros_(vit.patch_embed.proj.bias)
     # Focal crops are smaller than the crop the position table was built for: let the patch
     # embedding accept any multiple of the patch size; we resample the table ourselves.
     vit.patch_embed.strict_img_size = False
@@ -101,17 +103,26 @@ def grid_size(vit: VisionTransformer) -> tuple[int, int]:
     return tuple(vit.patch_embed.grid_size)  # type: ignore[return-value]
 
 
-def pos_embed_for(vit: VisionTransformer, rows: int, cols: int) -> Tensor:
-    """Position table (1, 1 + rows*cols, D) for a patch grid, class position first.
+def resample_pos_embed(pos_embed: Tensor, old: Sequence[int], new: Sequence[int]) -> Tensor:
+    """Position table (1, 1 + rows*cols, D) of grid ``old`` resampled to grid ``new`` (rows, cols).
 
-    Bicubic without antialiasing, as the official code resamples for its focal crops.
+    Bicubic without antialiasing, the class position untouched, as the official code resamples
+    for its focal crops; in the table's own precision, since timm's ``resample_abs_pos_embed``
+    computes in float32 and would round a float64 table.
     """
-    old = grid_size(vit)
-    if (rows, cols) == old:
-        return vit.pos_embed
-    return resample_abs_pos_embed(
-        vit.pos_embed, new_size=[rows, cols], old_size=list(old), num_prefix_tokens=1, antialias=False
-    )
+    if tuple(old) == tuple(new):
+        return pos_embed
+    cls_pos, grid = pos_embed[:, :1], pos_embed[:, 1:]
+    dtype = torch.promote_types(grid.dtype, torch.float32)  # bicubic needs float32 at least
+    grid = grid.reshape(1, *old, -1).permute(0, 3, 1, 2).to(dtype)
+    grid = F.interpolate(grid, size=tuple(new), mode="bicubic", align_corners=False, antialias=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, new[0] * new[1], -1).to(cls_pos.dtype)
+    return torch.cat([cls_pos, grid], dim=1)
+
+
+def pos_embed_for(vit: VisionTransformer, rows: int, cols: int) -> Tensor:
+    """Position table (1, 1 + rows*cols, D) of ``vit`` for a patch grid, class position first."""
+    return resample_pos_embed(vit.pos_embed, grid_size(vit), (rows, cols))
 
 
 def embed_tokens(vit: VisionTransformer, images: Tensor) -> Tensor:
@@ -363,4 +374,5 @@ __all__ = [
     "forward_tokens",
     "num_patches",
     "pos_embed_for",
+    "resample_pos_embed",
 ]

@@ -126,7 +126,7 @@ def run_extract(cfg: DictConfig) -> dict[str, Any]:
     mean, std = data_stats(ckpt, cfg.mean, cfg.std)
     size = int(vit.patch_embed.img_size[0])
     in_chans = vit.patch_embed.proj.in_channels
-    transform = eval_transform(size, in_chans, mean, std, cfg.crop_pct)
+    transform = eval_transform(size, in_chans, mean, std, cfg.crop_pct, cfg.interpolation)
     dataset = ImageFiles(files, transform, (in_chans, size, size))
 
     feats, kept, bad = embed_files(

@@ -44,10 +44,10 @@ from typing import Any
 
 import torch
 from omegaconf import OmegaConf
-from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
+from msn import backbone
 from msn.backbone import VIT_SIZES, build_vit
 from msn.data.transforms import default_mean_std
 
@@ -609,19 +609,14 @@ def _listed(keys: Sequence[str]) -> str:
 def resample_pos_embed(pos_embed: Tensor, grid: Sequence[int]) -> Tensor:
     """Position table ``(1, 1 + N, D)`` of a square grid resampled to ``grid`` (rows, cols).
 
-    Bicubic without antialiasing, the class position untouched: the same resampling as
-    :func:`msn.backbone.pos_embed_for`, so a checkpoint loaded at another size computes what the
-    original encoder computes on images of that size.
+    The encoder's own resampling (:func:`msn.backbone.resample_pos_embed`), so a checkpoint loaded
+    at another size computes what the original encoder computes on images of that size.
     """
     n = pos_embed.shape[1] - 1
     old = round(n**0.5)
     if old * old != n:
         raise ValueError(f"pos_embed has {n} patch positions: not a square grid")
-    if (old, old) == tuple(grid):
-        return pos_embed
-    return resample_abs_pos_embed(
-        pos_embed, new_size=list(grid), old_size=[old, old], num_prefix_tokens=1, antialias=False
-    )
+    return backbone.resample_pos_embed(pos_embed, (old, old), grid)
 
 
 def set_layer_norm_eps(module: nn.Module, eps: float) -> None:

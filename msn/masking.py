@@ -87,14 +87,14 @@ def seeded_keep_indices(
     rank: int = 0,
     world_size: int = 1,
 ) -> Tensor:
-    """Keep indices as a pure function of ``(seed, key, rank)``: no global random state is used.
+    """Keep indices as a pure function of ``(seed, key)`` (and ``rank``): no global random state.
 
     ``key`` names the draw (e.g. ``(step, batch_idx, group)``), so a resumed run draws the very same
     masks, and ranks can be told apart without seeding them differently.
 
-    - ``shared``: one subset for the rank's whole group of ``views * batch_size`` images, drawn
-      from ``(seed, key, rank)``: every rank gets its own subset (as every process of the official
-      code draws its own permutation). Returns (keep,).
+    - ``shared``: one subset for the whole group of ``views * batch_size`` images of every rank,
+      drawn from ``(seed, key)``: all ranks drop the same patches, as in the official code, where
+      every process seeds its random state alike and so draws the same permutation. Returns (keep,).
     - ``per_sample``: one subset per image, drawn for the *global* batch from ``(seed, key)`` and
       sliced for this rank. Local image ``i`` of rank ``r`` sits at global position ``i * W + r``,
       the interleaving of :class:`~torch.utils.data.DistributedSampler`, so W processes with B
@@ -111,7 +111,7 @@ def seeded_keep_indices(
         raise ValueError(f"rank={rank} must be in [0, {world_size})")
     g = torch.Generator()
     if mode == "shared":
-        g.manual_seed(_mask_seed(seed, 0, *key, rank))
+        g.manual_seed(_mask_seed(seed, 0, *key))
         return torch.randperm(num_patches, generator=g)[:keep].sort().values
     g.manual_seed(_mask_seed(seed, 1, *key))
     noise = torch.rand(views, batch_size * world_size, num_patches, generator=g)

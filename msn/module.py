@@ -94,11 +94,12 @@ class MSNModule(L.LightningModule):
             (what DDP does by itself).
         features: which token :meth:`features` returns for evaluation (``cls_prenorm`` official).
         mask_seed: ``None`` (default): masks are drawn from the global random state, as the
-            official code does. An integer: masks are a pure function of (seed, step, batch,
-            rank) (:func:`msn.masking.seeded_keep_indices`): every rank draws its own masks even
-            when all ranks were seeded alike (Lightning seeds every process with the same seed),
-            a resumed run redraws the same ones, and with ``mask_mode=per_sample`` W processes
-            with B images draw exactly the masks of one process with W*B images.
+            official code does. An integer: masks are a pure function of (seed, step, batch)
+            (:func:`msn.masking.seeded_keep_indices`), so a resumed run redraws the same ones.
+            Either way, in ``shared`` mode every rank drops the same patches (the official
+            processes are seeded alike, and so are Lightning's); with ``mask_mode=per_sample``
+            and a seed, W processes with B images draw exactly the masks of one process with
+            W*B images.
         packed_views: encode the masked anchor views and all focal views in ONE encoder pass,
             tokens concatenated, attention kept inside each view
             (:func:`msn.backbone.encode_packed`): ``true``/``"segments"`` (attention per crop
@@ -235,11 +236,11 @@ class MSNModule(L.LightningModule):
                 )
             distributed.sync_batchnorm(self.head)
             distributed.sync_batchnorm(self.target_head)
-        if world > 1 and self.mask_seed is None:
+        if world > 1 and self.mask_seed is None and self.mask_mode == "per_sample":
             rank_zero_warn(
-                "model.mask_seed=null with several processes: masks come from the global random state, "
-                "which is the same on every rank when all ranks were seeded alike; set model.mask_seed "
-                "(the training config does) so each rank draws its own masks"
+                "model.mask_seed=null with model.mask_mode=per_sample and several processes: every rank "
+                "draws the same per-image masks from its (alike seeded) random state; set model.mask_seed "
+                "so that each image of the global batch gets its own"
             )
         if self.compile_backend is not None:
             self.compile_encoders(self.compile_backend)
@@ -290,9 +291,11 @@ class MSNModule(L.LightningModule):
     def anchor_projections(self, anchor_views: Sequence[Tensor]) -> Tensor:
         """Projections (B*V, d) of the anchor views, view-major.
 
-        Views of one size go through the encoder in one call (the official multi-crop trick), or
-        all views of an image in one call with ``packed_views``; the head then sees all anchor
-        views at once so its BatchNorm statistics are shared.
+        Views of one crop size go through the encoder in one call (the official multi-crop
+        trick), or all views in one packed call with ``packed_views``. The head then runs once
+        per crop size, as in the official encoder: its BatchNorm normalises the masked full-size
+        views and the focal views each with their own batch statistics (and updates its running
+        statistics once per group).
         """
         batch_size = anchor_views[0].shape[0]
         groups = [(torch.cat(list(anchor_views[: self.rand_views])), self.mask_ratio)]
@@ -302,13 +305,14 @@ class MSNModule(L.LightningModule):
         if self.packed_attention is not None:
             packed = [(x, self._keep_indices(g, x, r, batch_size)) for g, (x, r) in enumerate(groups)]
             _, h = self._encode_packed(self.encoder, packed, batch_size, self.packed_attention)
-            return self.head(h)
-        outputs = []
-        for g, (x, r) in enumerate(groups):
-            # Drawn right before its forward, so the random draws happen in the official order.
-            keep = self._keep_indices(g, x, r, batch_size)
-            outputs.append(self._encode(self.encoder, x, keep_idx=keep)[1])
-        return self.head(torch.cat(outputs))
+            cls_per_group = h.split([x.shape[0] for x, _ in groups])
+        else:
+            cls_per_group = []
+            for g, (x, r) in enumerate(groups):
+                # Drawn right before its forward, so the random draws happen in the official order.
+                keep = self._keep_indices(g, x, r, batch_size)
+                cls_per_group.append(self._encode(self.encoder, x, keep_idx=keep)[1])
+        return torch.cat([self.head(h) for h in cls_per_group])
 
     @torch.no_grad()
     def target_projections(self, target_view: Tensor) -> Tensor:

@@ -46,6 +46,10 @@ def test_official_init():
     assert 0.01 < vit.cls_token.std().item() < 0.03  # trunc_normal(0.02), not timm's 1e-6
     assert 0.01 < vit.pos_embed.std().item() < 0.03
     assert torch.all(vit.blocks[0].attn.qkv.bias == 0)
+    # Patch convolution: kaiming_normal (fan_in = 3 * 16 * 16, relu gain), bias 0.
+    conv = vit.patch_embed.proj
+    assert conv.weight.std().item() == pytest.approx((2 / (3 * 16 * 16)) ** 0.5, rel=0.02)
+    assert torch.all(conv.bias == 0)
     head = ProjectionHead(384, 2048, 256)
     assert [n for n, _ in head.named_children()] == ["fc1", "bn1", "gelu1", "fc2", "bn2", "gelu2", "fc3"]
     assert 0.015 < head.fc1.weight.std().item() < 0.025
@@ -76,6 +80,15 @@ def test_pos_embed_resampled_bicubic_for_focal_crops():
     grid = vit.pos_embed[:, 1:].reshape(1, 4, 4, -1).permute(0, 3, 1, 2)
     ref = F.interpolate(grid, size=(2, 2), mode="bicubic", align_corners=False)
     torch.testing.assert_close(table[:, 1:], ref.flatten(2).transpose(1, 2))
+
+
+def test_pos_embed_resampled_in_the_tables_precision():
+    vit = _vit().double()
+    grid = vit.pos_embed[:, 1:].reshape(1, 4, 4, -1).permute(0, 3, 1, 2)
+    ref = F.interpolate(grid, size=(2, 2), mode="bicubic", align_corners=False).flatten(2).transpose(1, 2)
+    table = backbone.pos_embed_for(vit, 2, 2)
+    assert table.dtype == torch.float64
+    torch.testing.assert_close(table[:, 1:], ref, rtol=1e-15, atol=1e-15)  # no float32 round trip
 
 
 def test_non_multiple_size_trims_like_the_convolution():

@@ -32,7 +32,7 @@ from msn.data.datasets import (
     read_bad_image_log,
     read_idx,
 )
-from msn.data.transforms import blur_kernel_size
+from msn.data.transforms import PILGaussianBlur, blur_kernel_size
 
 # Small views keep the whole file fast on 2 CPU cores.
 SMALL = {"rand_size": 16, "focal_size": 8, "rand_views": 2, "focal_views": 3}
@@ -83,7 +83,10 @@ def test_official_defaults() -> None:
     assert tf.mean == IMAGENET_MEAN and tf.std == IMAGENET_STD
     gray = MultiViewTransform(in_chans=1)
     assert gray.mean == (0.5,) and gray.std == (0.5,)
-    assert [blur_kernel_size(s) for s in (224, 96, 8)] == [23, 9, 3]
+    assert tf.interpolation == "bilinear"
+    # Device blur: cut at 3 sigma of the largest sigma, never longer than the view allows.
+    assert [blur_kernel_size(2.0, s) for s in (224, 96, 8)] == [13, 13, 7]
+    assert blur_kernel_size(0.1, 224) == 3
 
 
 def test_views_random_but_reproducible() -> None:
@@ -98,6 +101,38 @@ def test_views_random_but_reproducible() -> None:
     # The two anchor views and the target use independent randomness.
     assert not torch.equal(a[0], a[1]) and not torch.equal(a[1], a[2])
     assert not torch.equal(a[3], a[4])
+
+
+def test_blur_is_pils_gaussian_blur_with_a_uniform_radius() -> None:
+    from PIL import ImageFilter
+
+    img = _rgb_image(96, seed=1)
+    torch.manual_seed(3)
+    radius = 0.1 + float(torch.rand(1)) * (2.0 - 0.1)
+    torch.manual_seed(3)
+    out = PILGaussianBlur((0.1, 2.0))(img)
+    assert np.array_equal(np.asarray(out), np.asarray(img.filter(ImageFilter.GaussianBlur(radius=radius))))
+    # A point spreads by its radius whatever the view size (no kernel cut at 10 % of 96 px).
+    dot = Image.new("L", (96, 96), 0)
+    dot.putpixel((48, 48), 255)
+    spread = np.asarray(dot.filter(ImageFilter.GaussianBlur(radius=2.0)))
+    assert spread[48, 48 + 5] > 0
+
+
+def test_crop_interpolation_bilinear_by_default_bicubic_as_option() -> None:
+    from torchvision.transforms import InterpolationMode, RandomResizedCrop
+
+    for name, mode in (("bilinear", InterpolationMode.BILINEAR), ("bicubic", InterpolationMode.BICUBIC)):
+        tf = (
+            MultiViewTransform(**SMALL, interpolation=name)
+            if name != "bilinear"
+            else MultiViewTransform(**SMALL)
+        )
+        for view_tf in (tf.rand_transform, tf.focal_transform):
+            crop = view_tf.transforms[0]
+            assert isinstance(crop, RandomResizedCrop) and crop.interpolation == mode
+    with pytest.raises(ValueError, match="interpolation must be one of bilinear, bicubic"):
+        MultiViewTransform(**SMALL, interpolation="nearest")
 
 
 def test_disabled_augmentations_equal_eval_transform() -> None:

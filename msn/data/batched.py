@@ -12,10 +12,13 @@ to the whole batch in a handful of tensor operations:
 - horizontal flip, colour jitter (brightness, contrast, saturation, hue), grayscale and Gaussian
   blur, each with its own per-image factor and probability.
 
-Differences from the PIL pipeline, by design: bilinear rather than bicubic resampling, and the
-colour-jitter operations run in a fixed order (brightness, contrast, saturation, hue) instead of
-a random permutation per image. All randomness comes from one ``torch.Generator`` (or the global
-RNG) in the training process, so it is checkpointed with the rest of the run.
+Differences from the PIL pipeline, by design: crops are always resampled bilinearly (whatever
+``interpolation`` says); the colour-jitter operations run in a fixed order (brightness, contrast,
+saturation, hue) instead of a random permutation per image; and the blur is a true Gaussian cut
+at 3 sigma of the largest sigma (:func:`~msn.data.transforms.blur_kernel_size`, at most the view
+size), where PIL approximates the same Gaussian with box blurs. All randomness comes from one
+``torch.Generator`` (or the global RNG) in the training process, so it is checkpointed with the
+rest of the run.
 """
 
 from __future__ import annotations
@@ -199,7 +202,7 @@ class BatchedMultiView(nn.Module):
         if s.blur_p > 0:
             blur = torch.rand(n, generator=g, device=dev) < s.blur_p
             sigma = _uniform(n, *s.blur_sigma, g, dev)
-            blurred = _gaussian_blur(x, blur_kernel_size(size), sigma)
+            blurred = _gaussian_blur(x, blur_kernel_size(s.blur_sigma[1], size), sigma)
             x = torch.where(blur.view(-1, 1, 1, 1), blurred, x)
         return x
 

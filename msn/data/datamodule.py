@@ -16,7 +16,14 @@ from torchvision.transforms import v2 as T
 from msn.data.batched import BatchedMultiView
 from msn.data.datasets import DATASETS, ON_BAD_IMAGE, SPLITS, build_dataset, has_labels
 from msn.data.resumable import ResumableSampler, SeededDataset, batch_seed, data_position
-from msn.data.transforms import ConvertMode, MultiViewTransform, _resolve_mean_std, eval_transform, image_mode
+from msn.data.transforms import (
+    INTERPOLATIONS,
+    ConvertMode,
+    MultiViewTransform,
+    _resolve_mean_std,
+    eval_transform,
+    image_mode,
+)
 
 __all__ = ["AUGMENT_ON", "MSNDataModule"]
 
@@ -216,7 +223,7 @@ class MSNDataModule(L.LightningDataModule):
         steps: list = [ConvertMode(image_mode(self.in_chans))]
         if self.load_size is not None:
             steps += [
-                T.Resize(self.load_size, interpolation=T.InterpolationMode.BICUBIC),
+                T.Resize(self.load_size, interpolation=INTERPOLATIONS[self.transform.interpolation]),
                 T.CenterCrop(self.load_size),
             ]
         return T.Compose([*steps, T.PILToTensor()])
@@ -324,7 +331,14 @@ class MSNDataModule(L.LightningDataModule):
         """
         if self._eval_datasets is not None:
             return self._eval_datasets
-        tf = eval_transform(self.eval_img_size, self.in_chans, self.mean, self.std, self.eval_crop_pct)
+        tf = eval_transform(
+            self.eval_img_size,
+            self.in_chans,
+            self.mean,
+            self.std,
+            self.eval_crop_pct,
+            self.transform.interpolation,
+        )
         out = []
         for key, split in (
             ("eval_train_split", self.eval_train_split),

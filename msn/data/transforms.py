@@ -8,11 +8,12 @@ the crop-area range differ.
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Callable, Sequence
 
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
@@ -21,8 +22,10 @@ __all__ = [
     "IMAGENET_STD",
     "GRAYSCALE_MEAN",
     "GRAYSCALE_STD",
+    "INTERPOLATIONS",
     "ConvertMode",
     "MultiViewTransform",
+    "PILGaussianBlur",
     "blur_kernel_size",
     "default_mean_std",
     "eval_transform",
@@ -115,12 +118,48 @@ def image_mode(in_chans: int) -> str:
     return "L" if in_chans == 1 else "RGB"
 
 
-def blur_kernel_size(size: int) -> int:
-    """Odd Gaussian-blur kernel size of about 10% of the view size (min 3), e.g. 224 -> 23, 96 -> 9."""
-    k = int(0.1 * size)
-    if k % 2 == 0:
-        k += 1
-    return max(3, k)
+# Resampling of crops and of the evaluation resize; torchvision's default, bilinear, is official.
+INTERPOLATIONS: dict[str, InterpolationMode] = {
+    "bilinear": InterpolationMode.BILINEAR,
+    "bicubic": InterpolationMode.BICUBIC,
+}
+
+
+def _check_interpolation(value: object) -> InterpolationMode:
+    if value not in INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {value!r}")
+    return INTERPOLATIONS[value]  # type: ignore[index]
+
+
+def blur_kernel_size(sigma: float, size: int) -> int:
+    """Odd kernel size of a Gaussian of std ``sigma`` cut at 3 sigma, at most the view ``size``.
+
+    For the device-made views, which blur with a true (separable) Gaussian kernel; 3 sigma holds
+    99.7 % of its mass. PIL's blur (the worker path) has no fixed size at all.
+    """
+    half = max(1, math.ceil(3.0 * sigma))
+    half = min(half, max(1, (size - 1) // 2))  # reflect padding needs pad < size
+    return 2 * half + 1
+
+
+class PILGaussianBlur:
+    """PIL's ``ImageFilter.GaussianBlur(radius)`` with ``radius`` (the std, in pixels) drawn from
+    U(``sigma``) by torch's random state, as the official pipeline blurs. Picklable for workers.
+
+    PIL approximates the Gaussian by repeated box blurs over the whole image, so no kernel size
+    bounds the blur (torchvision's ``GaussianBlur`` truncates it at a given size).
+    """
+
+    def __init__(self, sigma: Sequence[float]) -> None:
+        self.sigma = (float(sigma[0]), float(sigma[1]))
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        lo, hi = self.sigma
+        radius = lo + float(torch.rand(1)) * (hi - lo)
+        return img.filter(ImageFilter.GaussianBlur(radius=radius))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(sigma={self.sigma})"
 
 
 class ConvertMode:
@@ -163,6 +202,8 @@ class MultiViewTransform:
         blur_p: Probability of applying Gaussian blur.
         blur_sigma: ``(lo, hi)`` range of the blur standard deviation.
         hflip_p: Probability of a horizontal flip.
+        interpolation: Resampling of the crops, ``bilinear`` (torchvision's default, official) or
+            ``bicubic``.
         in_chans: 1 (images converted to "L") or 3 (images converted to "RGB").
         mean: Per-channel normalisation mean; ``None`` -> ImageNet (3 channels) or ``(0.5,)`` (1 channel).
         std: Per-channel normalisation std; ``None`` -> ImageNet (3 channels) or ``(0.5,)`` (1 channel).
@@ -182,10 +223,13 @@ class MultiViewTransform:
         blur_p: float = 0.5,
         blur_sigma: Sequence[float] = (0.1, 2.0),
         hflip_p: float = 0.5,
+        interpolation: str = "bilinear",
         in_chans: int = 3,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
     ) -> None:
+        self._interpolation_mode = _check_interpolation(interpolation)
+        self.interpolation = str(interpolation)
         self.rand_size = _check_int("rand_size", rand_size, 1)
         self.focal_size = _check_int("focal_size", focal_size, 1)
         # MSN needs at least one anchor view to compare against the target view.
@@ -217,7 +261,7 @@ class MultiViewTransform:
     def _view_transform(self, size: int, scale: tuple[float, float]) -> T.Compose:
         """The augmentation pipeline of one view (SimCLR/BYOL-style recipe used by MSN)."""
         steps: list[Callable] = [
-            T.RandomResizedCrop(size, scale=scale, interpolation=InterpolationMode.BICUBIC)
+            T.RandomResizedCrop(size, scale=scale, interpolation=self._interpolation_mode)
         ]
         if self.hflip_p > 0:
             steps.append(T.RandomHorizontalFlip(p=self.hflip_p))
@@ -229,8 +273,7 @@ class MultiViewTransform:
         if self.grayscale_p > 0 and self.in_chans == 3:
             steps.append(T.RandomGrayscale(p=self.grayscale_p))
         if self.blur_p > 0:
-            blur = T.GaussianBlur(kernel_size=blur_kernel_size(size), sigma=self.blur_sigma)
-            steps.append(T.RandomApply([blur], p=self.blur_p))
+            steps.append(T.RandomApply([PILGaussianBlur(self.blur_sigma)], p=self.blur_p))
         steps += [T.ToTensor(), T.Normalize(self.mean, self.std)]
         return T.Compose(steps)
 
@@ -260,12 +303,15 @@ def eval_transform(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     crop_pct: float = 0.875,
+    interpolation: str = "bilinear",
 ) -> Callable[[Image.Image], torch.Tensor]:
     """Deterministic evaluation transform: resize the short side to ``img_size / crop_pct``, centre-crop.
 
     ``crop_pct=0.875`` is the usual 256 -> 224 ImageNet protocol; use ``crop_pct=1.0`` for tiny images
-    (digits, MNIST, CIFAR) where cropping would cut off content.
+    (digits, MNIST, CIFAR) where cropping would cut off content. ``interpolation`` as for the
+    training crops (official: bilinear).
     """
+    mode = _check_interpolation(interpolation)
     img_size = _check_int("img_size", img_size, 1)
     if isinstance(crop_pct, bool) or not isinstance(crop_pct, numbers.Real) or not 0.0 < crop_pct <= 1.0:
         raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct!r}")
@@ -273,7 +319,7 @@ def eval_transform(
     return T.Compose(
         [
             ConvertMode(image_mode(in_chans)),
-            T.Resize(round(img_size / crop_pct), interpolation=InterpolationMode.BICUBIC),
+            T.Resize(round(img_size / crop_pct), interpolation=mode),
             T.CenterCrop(img_size),
             T.ToTensor(),
             T.Normalize(mean, std),
