@@ -6,6 +6,9 @@
 * :class:`ResumeCheckpoint` (a ``ModelCheckpoint``) keeps ``last.ckpt`` current: every N steps,
   at every epoch end, at the end of training and on request (preemption), and keeps the newest
   ``keep_last`` step checkpoints besides it.
+* :class:`RunRecord` stores what the run is (architecture, data, views: :func:`run_signature`)
+  and where it lives in every checkpoint, so that ``ckpt_path=last`` resumes only a run of the
+  same kind (:func:`signature_differences`).
 * :class:`RandomStateCheckpoint` stores the global random states (torch CPU and CUDA, numpy,
   Python) in every checkpoint and puts them back when training resumes, so the masking draws of
   a resumed run are the ones the uninterrupted run would have made. (The data stream needs no
@@ -29,6 +32,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
+from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +41,41 @@ __all__ = [
     "CheckpointWriteError",
     "RandomStateCheckpoint",
     "ResumeCheckpoint",
+    "RunRecord",
     "atomic_torch_save",
     "checkpoint_is_complete",
     "collect_rng_states",
     "restore_rng_states",
+    "recorded_run",
+    "run_signature",
+    "signature_differences",
 ]
 
 #: Key of the random states in a checkpoint dict.
 RNG_KEY = "rng_states"
+#: Key of the :class:`RunRecord` in a checkpoint dict.
+RUN_KEY = "msn_run"
+#: What makes two runs the same kind for ``ckpt_path=last``: the architecture, the data, the views.
+SIGNATURE_KEYS = (
+    "model.encoder",
+    "model.head",
+    "model.num_prototypes",
+    "model.rand_views",
+    "data.name",
+    "data.root",
+    "data.in_chans",
+    "data.transform.rand_size",
+    "data.transform.focal_size",
+    "data.transform.rand_views",
+    "data.transform.focal_views",
+)
+# The same keys as the module's own hyper-parameters, for checkpoints written without a RunRecord.
+_HPARAM_KEYS = {
+    "model.encoder": "encoder",
+    "model.head": "head",
+    "model.num_prototypes": "num_prototypes",
+    "model.rand_views": "rand_views",
+}
 _TMP_SUFFIX = ".tmp"
 
 
@@ -287,3 +318,48 @@ class ResumeCheckpoint(ModelCheckpoint):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # The final state, also when the run stops between two periodic saves.
         self.save_now(trainer)
+
+
+def run_signature(cfg: DictConfig) -> dict[str, Any]:
+    """The values of :data:`SIGNATURE_KEYS` in a training config (resolved, plain containers)."""
+    out = {}
+    for key in SIGNATURE_KEYS:
+        value = OmegaConf.select(cfg, key)
+        out[key] = OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else value
+    return out
+
+
+class RunRecord(L.Callback):
+    """Writes ``{"signature": ..., "output_dir": ...}`` of the run into every checkpoint."""
+
+    def __init__(self, signature: dict[str, Any], output_dir: str) -> None:
+        self.record = {"signature": dict(signature), "output_dir": str(output_dir)}
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        checkpoint[RUN_KEY] = self.record
+
+
+def recorded_run(path: str | os.PathLike) -> dict[str, Any]:
+    """The :class:`RunRecord` of a checkpoint; for one written without it, the part of the
+    signature that the module's hyper-parameters give, and the folder above ``checkpoints/``."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if RUN_KEY in ckpt:
+        return ckpt[RUN_KEY]
+    hparams = ckpt.get("hyper_parameters") or {}
+    signature = {key: hparams[name] for key, name in _HPARAM_KEYS.items() if name in hparams}
+    return {"signature": signature, "output_dir": str(Path(path).resolve().parent.parent)}
+
+
+def _flat(value: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(value, dict):
+        return {k: v for name, sub in value.items() for k, v in _flat(sub, f"{prefix}.{name}").items()}
+    return {prefix: list(value) if isinstance(value, tuple) else value}
+
+
+def signature_differences(ours: dict[str, Any], theirs: dict[str, Any]) -> list[str]:
+    """``"key: A there, B here"`` for each value that differs; keys one side lacks are skipped
+    (a checkpoint without a record only knows the model's)."""
+    a = {k: v for key, value in ours.items() for k, v in _flat(value, key).items()}
+    b = {k: v for key, value in theirs.items() for k, v in _flat(value, key).items()}
+    # A nested key on one side only (e.g. an encoder default left out of one config) is no difference.
+    return [f"{k}: {b[k]!r} there, {a[k]!r} here" for k in sorted(a.keys() & b.keys()) if a[k] != b[k]]

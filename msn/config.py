@@ -8,19 +8,36 @@ devices exist and the output folder is writable.
 
 from __future__ import annotations
 
+import logging
 import signal
 import tempfile
+import typing
 from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.fabric.connector import _PRECISION_INPUT
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 from msn.backbone import PATCH_SIZES, VIT_SIZES
 from msn.data.datasets import ON_BAD_IMAGE
 from msn.evaluate import lowshot_json_keys
 from msn.masking import MASK_MODES
 from msn.reliability import ON_NONFINITE
+
+log = logging.getLogger(__name__)
+
+
+def _literal_values(t: Any) -> list[Any]:
+    args = typing.get_args(t)
+    return [v for a in args for v in (_literal_values(a) if typing.get_args(a) else [a])]
+
+
+# What Lightning's Trainer accepts as precision.
+PRECISIONS: tuple[Any, ...] = tuple(_literal_values(_PRECISION_INPUT))
+# Data sets that come with the package (no folder to read).
+BUNDLED = ("digits",)
 
 DATASET_NAMES = ("digits", "fashion_mnist", "cifar10", "cifar100", "stl10", "imagefolder")
 
@@ -30,7 +47,17 @@ class ConfigError(ValueError):
 
     def __init__(self, problems: list[str]) -> None:
         self.problems = problems
-        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+        if len(problems) == 1:  # one line for one problem
+            super().__init__(f"invalid configuration: {problems[0]}")
+        else:
+            super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def error_message(err: Exception) -> str:
+    """The ``error: ...`` line of a command-line entry for a config problem or a missing value."""
+    if isinstance(err, MissingMandatoryValue):
+        return f"{err.full_key} is required (give {err.full_key}=...)"
+    return str(err)
 
 
 def _get(cfg: DictConfig, key: str, default: Any = None) -> Any:
@@ -118,17 +145,17 @@ def _reliability_problems(cfg: DictConfig) -> list[str]:
     return problems
 
 
-def _writable_problem(output_dir: Any) -> str | None:
+def writable_problem(output_dir: Any, key: str = "output_dir") -> str | None:
     """Why ``output_dir`` (or the nearest folder that exists above it) cannot be written, or None."""
     path = Path(str(output_dir)).expanduser().absolute()
     existing = next(p for p in (path, *path.parents) if p.exists())
     if not existing.is_dir():
-        return f"output_dir={str(output_dir)!r} is not writable: {str(existing)!r} is a file, not a folder"
+        return f"{key}={str(output_dir)!r} is not writable: {str(existing)!r} is a file, not a folder"
     try:  # a real write: permission bits do not tell about read-only mounts, or apply to root
         with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as err:
-        return f"output_dir={str(output_dir)!r} is not writable ({err.strerror or err})"
+        return f"{key}={str(output_dir)!r} is not writable ({err.strerror or err})"
     return None
 
 
@@ -168,7 +195,7 @@ def _environment_problems(cfg: DictConfig) -> list[str]:
         problems.append(f"trainer.num_nodes={nodes} must be an integer >= 1")
     output_dir = _get(cfg, "output_dir")
     if output_dir not in (None, ""):
-        problem = _writable_problem(output_dir)
+        problem = writable_problem(output_dir)
         if problem:
             problems.append(problem)
     return problems
@@ -208,6 +235,24 @@ def validate_config(cfg: DictConfig, environment: bool = True) -> None:
     focal_views = _get(cfg, "data.transform.focal_views", 0)
     if isinstance(patch, int):
         check(
+            patch not in PATCH_SIZES
+            or not isinstance(rand_size, int)
+            or rand_size < patch
+            or rand_size % patch == 0,
+            f"data.transform.rand_size={rand_size} is not a multiple of model.encoder.patch_size={patch}: "
+            f"the last {rand_size % patch if isinstance(rand_size, int) else 0} pixel rows and columns would "
+            "be dropped",
+        )
+        if focal_views and isinstance(focal_size, int) and focal_size >= patch and focal_size % patch:
+            # The official ViT-L/7 recipe crops 96 px focal views for patch 7: a warning, not an error.
+            log.warning(
+                "data.transform.focal_size=%d is not a multiple of model.encoder.patch_size=%d: the last "
+                "%d pixel rows and columns of each focal view are dropped",
+                focal_size,
+                patch,
+                focal_size % patch,
+            )
+        check(
             isinstance(rand_size, int) and rand_size >= patch,
             f"data.transform.rand_size={rand_size} is smaller than one patch "
             f"(model.encoder.patch_size={patch})",
@@ -235,6 +280,12 @@ def validate_config(cfg: DictConfig, environment: bool = True) -> None:
 
     name = _get(cfg, "data.name")
     check(name in DATASET_NAMES, f"data.name={name!r} is unknown; allowed: {', '.join(DATASET_NAMES)}")
+    root = _get(cfg, "data.root")
+    check(
+        name not in BUNDLED or root in (None, ""),
+        f"data.root={root!r} is given, but data={name} is bundled and reads no folder; for your own "
+        "images use data=imagefolder data.root=...",
+    )
     if name == "imagefolder":
         root = _get(cfg, "data.root")
         if root in (None, "", "???"):
@@ -249,6 +300,13 @@ def validate_config(cfg: DictConfig, environment: bool = True) -> None:
 
     epochs = _get(cfg, "trainer.max_epochs")
     steps = _get(cfg, "trainer.max_steps", -1)
+    check(
+        _is_int(steps) and (steps == -1 or steps >= 1),
+        f"trainer.max_steps={steps!r} must be -1 (no step limit) or an integer >= 1",
+    )
+    precision = _get(cfg, "trainer.precision", "32-true")
+    allowed = ", ".join(dict.fromkeys(map(str, PRECISIONS)))
+    check(precision in PRECISIONS, f"trainer.precision={precision!r} is unknown; allowed: {allowed}")
     check(
         (isinstance(epochs, int) and epochs >= 1) or (isinstance(steps, int) and steps >= 1),
         f"trainer.max_epochs={epochs} / trainer.max_steps={steps}: one of them must be >= 1",

@@ -22,9 +22,10 @@ import hydra
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 from msn.backbone import FEATURE_KINDS
-from msn.config import ConfigError
+from msn.config import ConfigError, error_message
 from msn.evaluate import FINETUNED_ROW, MSN_ROW, knn_report, linear_report, lowshot_from_config
 from msn.feature_cache import FeatureCache, file_fingerprint
 from msn.finetuning import check_finetune_config, finetune_summary, run_finetune
@@ -157,8 +158,8 @@ def hydra_entry(config_name: str, run: Callable[[DictConfig], Any]) -> Callable[
     def _main(cfg: DictConfig) -> None:
         try:
             run(cfg)
-        except (ConfigError, FileNotFoundError, ValueError) as err:
-            print(f"error: {err}", file=sys.stderr)
+        except (ConfigError, FileNotFoundError, ValueError, MissingMandatoryValue) as err:
+            print(f"error: {error_message(err)}", file=sys.stderr)
             sys.exit(2)
 
     return _main

@@ -79,6 +79,8 @@ class Checkpoint:
         hparams: the Lightning ``hyper_parameters`` (msn-lightning and finetuned), else ``None``.
         unexpected: source keys that were not understood (reported; an error when loading strictly).
         meta: extra scalars of the file (official ``epoch``, ``lr``, ...).
+        training_state: the file also holds the optimizer and loop state that resuming needs
+            (a ``train.py`` checkpoint).
     """
 
     format: str
@@ -94,6 +96,7 @@ class Checkpoint:
     hparams: dict[str, Any] | None = None
     unexpected: list[str] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
+    training_state: bool = False
 
     def encoder_state(self, which: str | None = None) -> tuple[str, dict[str, Tensor]]:
         """``(name, state dict)`` of the encoder to use: ``which``, or the target encoder when
@@ -352,7 +355,8 @@ def _torch_load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # noqa: BLE001 - any unreadable file gets the same clear message
-        raise ValueError(f"ckpt={str(path)!r} is not a readable PyTorch checkpoint ({err})") from err
+        reason = " ".join(str(err).split())  # torch's messages span lines; ours is one
+        raise ValueError(f"ckpt={str(path)!r} is not a readable PyTorch checkpoint ({reason})") from err
 
 
 def _load_weights_file(path: Path) -> Any:
@@ -485,6 +489,7 @@ def _read_lightning(obj: Mapping[str, Any], path: Path) -> Checkpoint | None:
             prototypes=state["prototypes"],
             hparams=hparams,
             meta={k: obj[k] for k in ("epoch", "global_step") if k in obj},
+            training_state=all(k in obj for k in ("optimizer_states", "loops", "pytorch-lightning_version")),
         )
     if "num_classes" in hparams and "vit.head.weight" in state:
         vit = _prefixed(state, "vit.")

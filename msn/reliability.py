@@ -110,8 +110,13 @@ def requeue_slurm_job(environ: dict[str, str] | None = None) -> bool:
     return True
 
 
+def _say(message: str) -> None:
+    # os.write, not print or logging: safe inside a signal handler.
+    os.write(2, f"\n{message}\n".encode())
+
+
 class PreemptionHandler(L.Callback):
-    """Checkpoint at the end of the current step and stop cleanly on SIGTERM / SIGUSR1.
+    """Checkpoint at the end of the current step and stop cleanly on SIGTERM / SIGUSR1 / SIGINT.
 
     The handlers only record the signal. At the end of the step that is running, every rank
     agrees on it (any rank that got one counts), the :class:`~msn.checkpointing.ResumeCheckpoint`
@@ -125,11 +130,14 @@ class PreemptionHandler(L.Callback):
     "stop after this step" would race with the save. Outside of training a signal gets its
     previous handling.
 
+    SIGINT (Ctrl-C) is handled alike; a second one before the save aborts at once
+    (``KeyboardInterrupt``), saying that the steps since the last checkpoint are lost.
+
     Args:
         signals: signal names (or numbers) to handle.
     """
 
-    def __init__(self, signals: Sequence[str | int] = ("SIGTERM", "SIGUSR1")) -> None:
+    def __init__(self, signals: Sequence[str | int] = ("SIGTERM", "SIGUSR1", "SIGINT")) -> None:
         self.signals = [_signal_number(s) for s in signals]
         self._received: int | None = None
         self._active = False
@@ -144,6 +152,14 @@ class PreemptionHandler(L.Callback):
         if self._active:
             if self._received is None:
                 self._received = signum
+                if signum == signal.SIGINT:
+                    _say(
+                        "Ctrl-C: saving a checkpoint at the end of this step, then stopping "
+                        "(Ctrl-C again to abort at once, unsaved)"
+                    )
+            elif signum == signal.SIGINT and self.preempted_by is None:
+                _say("second Ctrl-C: aborting now; the steps since the last saved checkpoint are lost")
+                raise KeyboardInterrupt
             return
         previous = self._previous.get(signum, signal.SIG_DFL)
         if callable(previous):

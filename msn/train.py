@@ -5,8 +5,8 @@ target encoder with the official low-shot protocol and prints the table.
 
 Failures end with one message and an exit code: 2 for an invalid config (before any compute), 1
 for a run stopped by a guard (non-finite loss, collapse with ``stop``, unreadable images with
-``on_bad_image=raise``, a checkpoint that cannot be written); a preempted run (SIGTERM /
-SIGUSR1) saves its checkpoint and exits 0.
+``on_bad_image=raise``, a checkpoint that cannot be written); a run stopped by SIGTERM, SIGUSR1
+or Ctrl-C saves its checkpoint, prints the command that resumes it and exits 0.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import sys
 import time
 import warnings
@@ -22,15 +23,26 @@ from typing import Any
 
 import hydra
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
+from omegaconf.errors import MissingMandatoryValue
 
-from msn.checkpointing import CheckpointWriteError, ResumeCheckpoint, checkpoint_is_complete
-from msn.config import ConfigError, validate_config
+from msn.checkpointing import (
+    CheckpointWriteError,
+    ResumeCheckpoint,
+    RunRecord,
+    checkpoint_is_complete,
+    recorded_run,
+    run_signature,
+    signature_differences,
+)
+from msn.config import ConfigError, error_message, validate_config, writable_problem
 from msn.data.datasets import BadImageError, bad_image_summary
 from msn.evaluate import MSN_ROW, lowshot_from_config
-from msn.interop import init_msn_module
+from msn.interop import init_msn_module, read_checkpoint
 from msn.reliability import PreemptionHandler, TrainingAborted
 
 log = logging.getLogger("msn")
@@ -56,11 +68,15 @@ def newest_resume_checkpoint(ckpt_dir: Path) -> Path | None:
     return max(complete, key=lambda p: p.stat().st_mtime, default=None)
 
 
-def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
+def resolve_ckpt_path(
+    ckpt_path: str | None, output_dir: Path, signature: dict[str, Any] | None = None
+) -> str | None:
     """Turn ``ckpt_path=last`` into a file: this run's newest resume checkpoint if there is one,
     else the newest among the earlier runs of the same name (sibling run dirs); see
-    :func:`newest_resume_checkpoint`. Anything else is returned as given (after checking that the
-    file exists)."""
+    :func:`newest_resume_checkpoint`. With ``signature`` (:func:`msn.checkpointing.run_signature`)
+    only a checkpoint of a run of the same kind is taken; when there are checkpoints but none of
+    this kind, a :class:`~msn.config.ConfigError` names the newest and what differs. Anything else
+    is returned as given (after checking that the file exists)."""
     if ckpt_path in (None, ""):
         return None
     if ckpt_path != "last":
@@ -68,14 +84,59 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
             raise FileNotFoundError(f"ckpt_path={ckpt_path!r}: no such checkpoint file")
         return str(ckpt_path)
     own = newest_resume_checkpoint(output_dir / "checkpoints")
-    if own is not None:
-        return str(own)
-    found = [newest_resume_checkpoint(d) for d in output_dir.parent.glob("*/checkpoints")]
-    newest = max((p for p in found if p is not None), key=lambda p: p.stat().st_mtime, default=None)
-    if newest is not None:
-        return str(newest)
+    others = [newest_resume_checkpoint(d) for d in output_dir.parent.glob("*/checkpoints")]
+    others = sorted((p for p in others if p is not None and p != own), key=lambda p: p.stat().st_mtime)
+    candidates = [*([own] if own is not None else []), *reversed(others)]
+    foreign = []
+    for path in candidates:
+        if signature is None:
+            return str(path)
+        record = recorded_run(path)
+        differences = signature_differences(signature, record["signature"])
+        if not differences:
+            if foreign:
+                log.info("ckpt_path=last: %s (newer runs of this name are of another kind)", path)
+            return str(path)
+        foreign.append((record["output_dir"], differences))
+    if foreign:
+        where, differences = foreign[0]
+        raise ConfigError(
+            [
+                f"ckpt_path=last: the newest run named {output_dir.parent.name!r}, {where}, is not this "
+                f"run's kind ({'; '.join(differences)}); this run is {output_dir}. Pass its checkpoint "
+                "file as ckpt_path to resume it anyway, or set name= to keep the runs apart"
+            ]
+        )
     log.warning("ckpt_path=last: no checkpoint under %s; starting from scratch", output_dir.parent)
     return None
+
+
+def check_resume_point(path: str) -> None:
+    """Stop (:class:`~msn.config.ConfigError`) unless ``path`` is a ``train.py`` checkpoint with
+    the training state to resume; read by the same reader as ``init_from`` and ``finetune.py``."""
+    try:
+        ckpt = read_checkpoint(path)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError([f"ckpt_path={path!r}: {err}"]) from err
+    if not ckpt.training_state:
+        raise ConfigError(
+            [
+                f"ckpt_path={path!r} is a {ckpt.format} checkpoint without the optimizer and loop state "
+                f"that resuming needs; to start a new run from its weights use init_from={path}"
+            ]
+        )
+
+
+def resume_command(output_dir: Path) -> str:
+    """The command line that continues this run in its own folder: this run's overrides, with
+    ``ckpt_path=last`` and ``hydra.run.dir`` set to ``output_dir``."""
+    overrides: list[str] = []
+    if HydraConfig.initialized():
+        overrides = [
+            o for o in HydraConfig.get().overrides.task if o.split("=", 1)[0].lstrip("+~") != "ckpt_path"
+        ]
+    words = ["python", "train.py", *overrides, "ckpt_path=last", f"hydra.run.dir={output_dir}"]
+    return " ".join(shlex.quote(w) for w in words)
 
 
 def requested_ckpt_path(cfg_ckpt_path: str | None, environ: dict[str, str] | None = None) -> str | None:
@@ -98,6 +159,16 @@ def _wandb_offline_if_no_key(logger_cfg: DictConfig) -> None:
         wb.offline = True
 
 
+def built(group: str, cfg: DictConfig, **kwargs: Any) -> Any:
+    """``instantiate(cfg)``; a constructor's complaint (a misspelt key, a bad value) becomes a
+    one-line :class:`~msn.config.ConfigError` that names the config group."""
+    try:
+        return instantiate(cfg, _convert_="all", **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__ or err
+        raise ConfigError([f"{group}: {' '.join(str(cause).split())}"]) from err
+
+
 def build_loggers(cfg: DictConfig) -> list[Any]:
     _wandb_offline_if_no_key(cfg.logger)
     return [instantiate(c) for c in cfg.logger.values() if c is not None]
@@ -105,6 +176,28 @@ def build_loggers(cfg: DictConfig) -> list[Any]:
 
 def build_callbacks(cfg: DictConfig) -> list[Any]:
     return [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+
+
+def recipe_summary(cfg: DictConfig, model: Any, world_size: int) -> str:
+    """What will run, in a few lines: model, views, masking, batch, schedule, precision."""
+    m, d, t, o = cfg.model, cfg.data, cfg.trainer, model.optim_cfg
+    experiment = HydraConfig.get().runtime.choices.get("experiment") if HydraConfig.initialized() else None
+    enc = model.encoder
+    views = d.transform
+    steps = f"{t.max_steps} steps" if t.max_steps and t.max_steps > 0 else f"{t.max_epochs} epochs"
+    lines = [
+        f"recipe {cfg.name} (experiment={experiment or 'none'}):",
+        f"  model    {m.encoder.arch}/{m.encoder.patch_size} ({enc.embed_dim} wide, {len(enc.blocks)} "
+        f"blocks), head {m.head.hidden_dim}-{m.head.out_dim}, {m.num_prototypes} prototypes",
+        f"  views    1 target + {views.rand_views} anchor at {views.rand_size} px (mask {m.mask_ratio}, "
+        f"{m.mask_mode}), {views.focal_views} focal at {views.focal_size} px, made in the {d.augment_on}",
+        f"  batch    {d.batch_size} x {world_size} process(es) x {t.accumulate_grad_batches} accumulated "
+        f"= {d.batch_size * world_size * t.accumulate_grad_batches} per step",
+        f"  schedule {steps}, lr {o['start_lr']:g} -> {o['ref_lr']:g} ({o['warmup_epochs']:g} warmup epochs)"
+        f" -> {o['final_lr']:g}, wd {o['ref_wd']:g} -> {o['final_wd']:g}",
+        f"  compute  {t.precision}, strategy {t.strategy}, {t.accelerator}",
+    ]
+    return "\n".join(lines)
 
 
 def run_lowshot(model: Any, datamodule: Any, cfg: DictConfig, output_dir: Path) -> str | None:
@@ -137,10 +230,20 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     validate_config(cfg)
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    signature = run_signature(cfg)
+    ckpt_path = resolve_ckpt_path(requested_ckpt_path(cfg.ckpt_path), output_dir, signature)
+    if ckpt_path is not None:
+        check_resume_point(ckpt_path)
     L.seed_everything(cfg.seed, workers=True)
 
-    datamodule = instantiate(cfg.data, _convert_="all")
-    model = instantiate(cfg.model, _convert_="all")
+    datamodule = built("data", cfg.data)
+    model = built("model", cfg.model)
+    try:  # the training images are listed and probed now, so that a wrong folder stops before compute
+        datamodule.setup("fit")
+    except BadImageError:
+        raise
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError([f"data: {err}"]) from err
     if cfg.get("init_from"):
         # Weights only, any format msn.interop reads (ours, official .pth.tar, HF, timm); the
         # schedules start afresh from them.
@@ -149,7 +252,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         except (FileNotFoundError, ValueError) as err:
             raise ConfigError([f"init_from={cfg.init_from!r}: {err}"]) from err
         log.info("init_from %s: %s", cfg.init_from, ", ".join(f"{k} <- {v}" for k, v in loaded.items()))
-    trainer = instantiate(cfg.trainer, logger=build_loggers(cfg) or False, callbacks=build_callbacks(cfg))
+    callbacks = [*build_callbacks(cfg), RunRecord(signature, str(output_dir))]
+    trainer = built("trainer", cfg.trainer, logger=build_loggers(cfg) or False, callbacks=callbacks)
+    if trainer.is_global_zero:
+        print(recipe_summary(cfg, model, trainer.world_size), flush=True)
     log.info("output dir: %s", output_dir)
     # MSNDataModule checkpoints its position in the epoch (state_dict), which Lightning cannot see.
     warnings.filterwarnings(
@@ -157,7 +263,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     )
 
     start = time.perf_counter()
-    ckpt_path = resolve_ckpt_path(requested_ckpt_path(cfg.ckpt_path), output_dir)
     stopped_by_lightning = False
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -180,8 +285,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if trainer.is_global_zero:
             requeued = "; the SLURM job was requeued" if preemption.requeued else ""
             print(
-                f"preempted by {preemption.preempted_by}: checkpoint of step {preemption.saved_step} "
-                f"saved to {result.get('last_checkpoint')}{requeued}; resume with ckpt_path=last",
+                f"stopped by {preemption.preempted_by}: checkpoint of step {preemption.saved_step} "
+                f"saved to {result.get('last_checkpoint')}{requeued}\n"
+                f"resume with: {resume_command(output_dir)}",
                 flush=True,
             )
         return result
@@ -221,18 +327,50 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         value = objective_value(result["lowshot"], str(metric))
         print(f"optimized_metric {metric}: {value:.2f}", flush=True)
         return value
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (ConfigError, MissingMandatoryValue) as err:
+        print(f"error: {error_message(err)}", file=sys.stderr)
         sys.exit(2)
     except (TrainingAborted, BadImageError, CheckpointWriteError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
 
 
+# The default experiment and the group choices it was made for (configs/experiment/digits.yaml).
+DEFAULT_RECIPE = ("digits", {"data": "digits", "model": "vit_nano"})
+
+
+def without_foreign_default_recipe(overrides: list[str]) -> list[str]:
+    """``overrides`` with ``~experiment`` added when they choose other data or another model than
+    the default experiment was made for and name no experiment themselves."""
+    keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o or o.startswith("~")}
+    if "experiment" in keys:
+        return overrides
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if DEFAULT_RECIPE[1].get(key.lstrip("+"), value) != value:
+            log.info("data/model chosen without an experiment: experiment=%s is left out", DEFAULT_RECIPE[0])
+            return [*overrides, "~experiment"]
+    return overrides
+
+
+def exit_on_unwritable_run_dir(overrides: list[str]) -> None:
+    """Exit 2 with one line when ``hydra.run.dir`` / ``hydra.sweep.dir`` given on the command line
+    cannot be created (Hydra would end in a traceback before any of our checks run)."""
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if key in ("hydra.run.dir", "hydra.sweep.dir") and value and "${" not in value:
+            problem = writable_problem(value, key)
+            if problem:
+                print(f"error: {problem}", file=sys.stderr)
+                sys.exit(2)
+
+
 def main() -> None:
     """Console-script entry (``msn-train``); same as ``python train.py``."""
     if not CONFIG_DIR.is_dir():
         sys.exit(f"error: config folder {CONFIG_DIR} not found (install the package with `pip install -e .`)")
+    sys.argv[1:] = without_foreign_default_recipe(sys.argv[1:])
+    exit_on_unwritable_run_dir(sys.argv[1:])
     _hydra_main()
 
 
@@ -240,7 +378,10 @@ __all__ = [
     "main",
     "newest_resume_checkpoint",
     "objective_value",
+    "check_resume_point",
     "requested_ckpt_path",
+    "resume_command",
     "resolve_ckpt_path",
     "train",
+    "without_foreign_default_recipe",
 ]

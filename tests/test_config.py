@@ -31,7 +31,8 @@ def test_all_experiments_listed():
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_composes_and_validates(experiment, tmp_path):
-    cfg = _compose([f"experiment={experiment}", f"data.root={tmp_path}"])
+    root = [] if experiment == "digits" else [f"data.root={tmp_path}"]  # digits is bundled: no folder
+    cfg = _compose([f"experiment={experiment}", *root])
     validate_config(cfg, environment=False)  # the paper recipes ask for GPUs this machine may not have
     assert cfg.model.encoder.img_size == cfg.data.transform.rand_size
     assert cfg.model.rand_views == cfg.data.transform.rand_views
@@ -79,6 +80,23 @@ def test_paper_recipes_match_reference(experiment, tmp_path):
             "data.transform.rand_size=3 is smaller than one patch (model.encoder.patch_size=8)",
         ),
         (["model.num_prototypes=0"], "model.num_prototypes=0 must be an integer >= 1"),
+        (["trainer.max_steps=-5"], "trainer.max_steps=-5 must be -1 (no step limit) or an integer >= 1"),
+        (["trainer.max_steps=abc"], "trainer.max_steps='abc' must be -1 (no step limit) or an integer >= 1"),
+        (
+            ["trainer.precision=abc"],
+            "trainer.precision='abc' is unknown; allowed: 64, 32, 16, transformer-engine, "
+            "transformer-engine-float16, 16-true, 16-mixed, bf16-true, bf16-mixed, 32-true, 64-true, bf16",
+        ),
+        (
+            ["data.root=/some/folder"],
+            "data.root='/some/folder' is given, but data=digits is bundled and reads no folder; for your "
+            "own images use data=imagefolder data.root=...",
+        ),
+        (
+            ["model.encoder.patch_size=7"],
+            "data.transform.rand_size=16 is not a multiple of model.encoder.patch_size=7: the last 2 pixel "
+            "rows and columns would be dropped",
+        ),
         (
             ["data=imagefolder", "data.root=/no/such/folder"],
             "data.root='/no/such/folder' does not exist or is not a folder (data=imagefolder)",

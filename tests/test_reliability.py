@@ -17,20 +17,27 @@ import lightning as L
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
 from lightning.fabric.plugins.environments import SLURMEnvironment
+from PIL import Image
 from test_data import UNREADABLE, bad_image_folder
 from test_train import FAST  # the tiny settings of the end-to-end runs
+from tiny_msn import tiny_module
 
 import msn.checkpointing as checkpointing
 from msn.callbacks import PrototypeCollapseWarning
 from msn.checkpointing import (
+    RUN_KEY,
+    SIGNATURE_KEYS,
     AtomicCheckpointIO,
     CheckpointWriteError,
     ResumeCheckpoint,
     atomic_torch_save,
     checkpoint_is_complete,
     remove_stale_tmp,
+    run_signature,
 )
+from msn.config import ConfigError
 from msn.data import MSNDataModule
 from msn.data.datasets import BadImageError
 from msn.loss import MSNLoss
@@ -42,7 +49,15 @@ from msn.reliability import (
     PreemptionHandler,
     PrototypeCollapseError,
 )
-from msn.train import CONFIG_DIR, newest_resume_checkpoint, requested_ckpt_path, resolve_ckpt_path, train
+from msn.train import (
+    CONFIG_DIR,
+    check_resume_point,
+    newest_resume_checkpoint,
+    requested_ckpt_path,
+    resolve_ckpt_path,
+    train,
+    without_foreign_default_recipe,
+)
 
 
 def _module(num_prototypes: int = 16, **kw) -> MSNModule:
@@ -163,6 +178,103 @@ def test_a_step_file_written_after_last_ckpt_is_the_resume_point(tmp_path):
     for name, mtime in (("step00000003.ckpt", 100), ("last.ckpt", 101), ("step00000005.ckpt", 102)):
         os.utime(ckpt / name, (mtime, mtime))
     assert resolve_ckpt_path("last", tmp_path / "run") == str(ckpt / "step00000005.ckpt")
+
+
+def _signature(**changes) -> dict:
+    sig = {
+        "model.encoder": {"arch": "vit_nano", "patch_size": 8, "img_size": 16, "in_chans": 1},
+        "model.num_prototypes": 256,
+        "data.name": "digits",
+        "data.root": None,
+    }
+    return {**sig, **changes}
+
+
+def _recorded(path: Path, signature: dict, mtime: int) -> None:
+    atomic_torch_save({RUN_KEY: {"signature": signature, "output_dir": str(path.parent.parent)}}, path)
+    os.utime(path, (mtime, mtime))
+
+
+def test_last_resumes_only_a_run_of_the_same_kind(tmp_path):
+    digits = tmp_path / "msn" / "a" / "checkpoints" / "last.ckpt"
+    folder = tmp_path / "msn" / "b" / "checkpoints" / "last.ckpt"
+    _recorded(digits, _signature(), 100)
+    foreign = _signature(**{"data.name": "imagefolder", "data.root": "/data/x"})
+    foreign["model.encoder"] = {**foreign["model.encoder"], "in_chans": 3}
+    _recorded(folder, foreign, 200)  # newer, but another configuration
+    assert resolve_ckpt_path("last", tmp_path / "msn" / "new", _signature()) == str(digits)
+    # Nothing of this kind: one line naming both runs and what differs.
+    digits.unlink()
+    with pytest.raises(ConfigError) as err:
+        resolve_ckpt_path("last", tmp_path / "msn" / "new", _signature())
+    message = str(err.value)
+    assert (
+        "\n" not in message
+        and str(folder.parent.parent) in message
+        and str(tmp_path / "msn" / "new") in message
+    )
+    assert "data.name: 'imagefolder' there, 'digits' here" in message
+    assert "model.encoder.in_chans: 3 there, 1 here" in message
+
+
+def test_last_checks_checkpoints_without_a_record_by_the_modules_hyper_parameters(tmp_path):
+    old = tmp_path / "msn" / "a" / "checkpoints" / "last.ckpt"
+    atomic_torch_save({"hyper_parameters": {"encoder": {"arch": "vit_small", "in_chans": 3}}}, old)
+    with pytest.raises(ConfigError, match="model.encoder.arch: 'vit_small' there, 'vit_nano' here"):
+        resolve_ckpt_path("last", tmp_path / "msn" / "new", _signature())
+
+
+def test_signature_of_the_config_holds_architecture_data_and_views():
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=["hydra.run.dir=x"], return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    sig = run_signature(cfg)
+    assert sig["model.encoder"]["patch_size"] == 8 and sig["data.transform.rand_size"] == 16
+    assert set(sig) == set(SIGNATURE_KEYS)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "kept"),
+    [
+        ([], True),
+        (["data=digits", "trainer.max_epochs=3"], True),
+        (["data=imagefolder", "data.root=/x", "model=vit_small", "model.encoder.patch_size=16"], False),
+        (["model=vit_tiny"], False),
+        (["experiment=fmnist_cpu"], True),  # an experiment chosen: nothing is added
+        (["data=imagefolder", "experiment=msn_vits16"], True),
+    ],
+)
+def test_the_digits_recipe_applies_only_to_the_data_and_model_it_was_made_for(overrides, kept):
+    out = without_foreign_default_recipe(overrides)
+    assert (out == overrides) is kept and (kept or out == [*overrides, "~experiment"])
+
+
+def test_another_data_set_gets_its_own_name_and_the_official_defaults():
+    overrides = without_foreign_default_recipe(["data=imagefolder", "data.root=/x", "model=vit_small"])
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    assert cfg.name == "imagefolder_vit_small_p16"
+    assert (cfg.data.batch_size, cfg.model.num_prototypes, cfg.model.head.hidden_dim) == (64, 1024, 2048)
+
+
+@pytest.mark.parametrize("kind", ["truncated", "png", "plain_dict", "weights_only"])
+def test_a_checkpoint_that_cannot_resume_is_refused_with_one_line(tmp_path, kind):
+    path = tmp_path / f"{kind}.ckpt"
+    if kind == "truncated":
+        atomic_torch_save({"state_dict": {"w": torch.zeros(1000)}}, path)
+        path.write_bytes(path.read_bytes()[:500])
+    elif kind == "png":
+        Image.new("RGB", (4, 4)).save(path, format="PNG")
+    elif kind == "plain_dict":
+        torch.save({"w": torch.zeros(3)}, path)
+    else:  # weights of a finished run exported without the trainer state
+        model = tiny_module()
+        torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}, path)
+    with pytest.raises(ConfigError) as err:
+        check_resume_point(str(path))
+    assert "\n" not in str(err.value) and str(path) in str(err.value)
+    if kind == "weights_only":
+        assert f"init_from={path}" in str(err.value)
 
 
 def test_requeued_slurm_job_resumes_by_itself():

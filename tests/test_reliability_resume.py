@@ -4,7 +4,9 @@ train.py runs killed with SIGKILL / SIGTERM and resumed."""
 from __future__ import annotations
 
 import csv
+import os
 import random
+import shlex
 import shutil
 import signal
 import subprocess
@@ -23,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from msn.checkpointing import collect_rng_states, restore_rng_states
 from msn.data import MSNDataModule
 from msn.data.resumable import ResumableSampler, SeededDataset, data_position
+from msn.reliability import PreemptionHandler
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = {"rand_size": 16, "focal_size": 8, "focal_views": 1}
@@ -286,8 +289,54 @@ def test_sigterm_saves_at_the_end_of_the_step_and_exits_cleanly(tmp_path):
     # The step that was running finished and was saved; nothing ran after it.
     assert max(_losses(run)) == step - 1 and 4 < step < 200
     assert (
-        f"preempted by SIGTERM: checkpoint of step {step} saved to {run / 'checkpoints' / 'last.ckpt'}"
+        f"stopped by SIGTERM: checkpoint of step {step} saved to {run / 'checkpoints' / 'last.ckpt'}"
         in stdout
     )
     assert "ckpt_path=last" in stdout
     assert not (run / "lowshot.json").exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_prints_the_resume_command_and_resumes_to_the_uninterrupted_losses(
+    reference_run, tmp_path
+):
+    expected = _losses(reference_run)
+    run = tmp_path / "interrupted"
+    # Its own process group, so that the SIGINT reaches train.py and its DataLoader worker alike,
+    # as Ctrl-C in a terminal does.
+    proc = subprocess.Popen(
+        _cmd(run, "data.num_workers=1"),
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    _wait_for_step(proc, run, 4)
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    assert "Ctrl-C: saving a checkpoint at the end of this step" in stderr
+    step = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"]
+    before = _losses(run)
+    assert sorted(before) == list(range(step)) and 4 < step < 14
+    assert f"stopped by SIGINT: checkpoint of step {step}" in stdout
+    # The printed command resumes in the same run dir, to the uninterrupted run's losses.
+    command = next(line for line in stdout.splitlines() if line.startswith("resume with: "))
+    words = shlex.split(command.removeprefix("resume with: "))
+    assert words[:2] == ["python", "train.py"] and f"hydra.run.dir={run}" in words
+    proc = _run([sys.executable, str(ROOT / "train.py"), *words[2:]], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resumed = _losses(run)
+    assert sorted({**before, **resumed}) == list(range(14))
+    assert {**before, **resumed} == expected
+
+
+def test_a_second_ctrl_c_aborts_at_once():
+    handler = PreemptionHandler()
+    handler._active = True
+    handler._on_signal(signal.SIGINT, None)  # the first: save at the end of the step
+    assert handler._received == signal.SIGINT
+    with pytest.raises(KeyboardInterrupt):
+        handler._on_signal(signal.SIGINT, None)

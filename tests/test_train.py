@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 from msn.config import ConfigError
 from msn.train import objective_value
@@ -139,3 +140,48 @@ def test_optuna_sweep_maximises_the_lowshot_metric(tmp_path):
     results = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
     assert results["best_value"] == pytest.approx(max(scores))
     assert set(results["best_params"]) == {"model.mask_ratio", "model.num_prototypes", "model.optim.ref_lr"}
+
+
+def _bad_folders(root: Path) -> dict[str, Path]:
+    (root / "empty").mkdir()
+    (root / "texts").mkdir()
+    (root / "texts" / "notes.txt").write_text("not an image")
+    for name in ("a", "b"):
+        (root / "empty_classes" / name).mkdir(parents=True)
+    return {k: root / k for k in ("empty", "texts", "empty_classes")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("empty", "data: no images found under"),
+        ("texts", "data: no images found under"),
+        ("empty_classes", "data: no images found under"),
+        ("png_ckpt", "is not a readable PyTorch checkpoint"),
+        ("misspelt", "model: MSNModule.__init__() got an unexpected keyword argument 'mask_rato'"),
+        ("run_dir", "hydra.run.dir='/proc/no/such' is not writable"),
+        ("finetune_without_ckpt", "ckpt is required (give ckpt=...)"),
+    ],
+)
+def test_bad_input_stops_before_compute_with_one_line_and_exit_2(tmp_path, case, message):
+    folders = _bad_folders(tmp_path)
+    run = [f"hydra.run.dir={tmp_path / 'run'}", *FAST]
+    if case in folders:
+        args = [str(ROOT / "train.py"), *run, "data=imagefolder", f"data.root={folders[case]}"]
+    elif case == "png_ckpt":
+        png = tmp_path / "picture.ckpt"
+        Image.new("RGB", (4, 4)).save(png, format="PNG")
+        args = [str(ROOT / "train.py"), *run, f"ckpt_path={png}"]
+    elif case == "misspelt":
+        args = [str(ROOT / "train.py"), *run, "+model.mask_rato=0.3"]
+    elif case == "run_dir":
+        args = [str(ROOT / "train.py"), "hydra.run.dir=/proc/no/such", *FAST]
+    else:
+        args = [str(ROOT / "finetune.py"), f"hydra.run.dir={tmp_path / 'run'}"]
+    proc = subprocess.run([sys.executable, *args], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], proc.stderr[-3000:]
+    assert not (tmp_path / "run" / "checkpoints").exists()  # stopped before training

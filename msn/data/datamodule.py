@@ -5,10 +5,12 @@ from __future__ import annotations
 import inspect
 import numbers
 import os
+import signal
 from collections.abc import Mapping, Sequence
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.seed import pl_worker_init_function
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2 as T
@@ -34,6 +36,14 @@ AUGMENT_ON = ("workers", "device")
 # Splits whose meaning differs between pre-training and evaluation: STL-10's "train" is train+unlabeled (right
 # for pre-training), but evaluation needs the labelled part.
 _EVAL_SPLIT_ALIASES = {("stl10", "train"): "labeled"}
+
+
+def _worker_init(worker_id: int) -> None:
+    """Workers ignore Ctrl-C: the terminal sends SIGINT to them too, and a dead worker would end
+    the step that the training process finishes and saves before it stops."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if os.environ.get("PL_SEED_WORKERS") == "1":  # what Lightning adds when no init function is given
+        pl_worker_init_function(worker_id)
 
 
 class MSNDataModule(L.LightningDataModule):
@@ -301,6 +311,7 @@ class MSNDataModule(L.LightningDataModule):
             persistent_workers=self.persistent_workers and self.num_workers > 0,
             drop_last=self.drop_last,
             generator=generator,
+            worker_init_fn=_worker_init,
         )
 
     def state_dict(self) -> dict:

@@ -536,7 +536,11 @@ def _build_imagefolder(
         except FileNotFoundError:  # no sub-folders at all
             class_to_idx = {}
         class_to_idx = {c: i for c, i in class_to_idx.items() if not c.startswith(".")}
-        labelled = make_dataset(directory, class_to_idx, is_valid_file=_is_image_file, allow_empty=True)
+        labelled = (
+            make_dataset(directory, class_to_idx, is_valid_file=_is_image_file, allow_empty=True)
+            if class_to_idx
+            else []
+        )
         used = sorted({label for _, label in labelled})
         if len(used) >= 2:
             # Drop class folders without images and renumber, so labels are contiguous 0..K-1.
