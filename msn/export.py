@@ -20,6 +20,7 @@ Any checkpoint :func:`msn.interop.read_checkpoint` reads can be exported to any 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,14 @@ def _contiguous(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: v.detach().to(torch.float32).contiguous().clone() for k, v in state.items()}
 
 
+def _save_safetensors(state: dict[str, Tensor], path: Path) -> None:
+    """``safetensors.save_file``, with the permissions of any new file (it writes mode 0600)."""
+    save_file(_contiguous(state), str(path), metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
     path.write_text(json.dumps(payload, indent=2) + "\n")
 
@@ -117,7 +126,7 @@ def save_hf(
     d = vit_dims(vit)
     written = [out_dir / "config.json", out_dir / "model.safetensors"]
     _write_json(written[0], hf_config(vit, labels))
-    save_file(_contiguous(state), str(written[1]), metadata={"format": "pt"})
+    _save_safetensors(state, written[1])
     if mean is not None and std is not None:
         written.append(out_dir / "preprocessor_config.json")
         _write_json(
@@ -200,7 +209,7 @@ def save_timm(
         id2label = None
     written = [out_dir / "config.json", out_dir / "model.safetensors"]
     _write_json(written[0], timm_config(vit, arch, id2label, mean, std))
-    save_file(_contiguous(state), str(written[1]), metadata={"format": "pt"})
+    _save_safetensors(state, written[1])
     return written
 
 

@@ -132,6 +132,12 @@ def run_extract(cfg: DictConfig) -> dict[str, Any]:
     feats, kept, bad = embed_files(
         lambda x: extract(vit, x, cfg.features), dataset, cfg.batch_size, cfg.num_workers, device
     )
+    if not kept:  # nothing to write: an empty array would pass for a result
+        listed = "; ".join(f"{files[i]}: {err}" for i, err in bad[:5])
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise ValueError(
+            f"none of the {len(files)} image files under {str(folder)!r} decodes ({listed}{more})"
+        )
     npy, csv_path, bad_path = output_paths(cfg.out)
     npy.parent.mkdir(parents=True, exist_ok=True)
     np.save(npy, feats)

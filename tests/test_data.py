@@ -562,6 +562,24 @@ def test_bad_images_are_skipped_counted_and_listed(tmp_path: Path) -> None:
     assert bad_image_summary(tmp_path / "none.txt") is None
 
 
+def test_bad_images_are_listed_and_warned_about_once_per_run(tmp_path: Path, caplog) -> None:
+    import copy
+    import logging
+
+    root = bad_image_folder(tmp_path / "images")
+    log_file = tmp_path / "bad_images.txt"
+    ds = build_dataset("imagefolder", "train", root=str(root), bad_image_log=log_file)
+    with caplog.at_level(logging.WARNING, logger="msn.data.datasets"):
+        # Each epoch's DataLoader workers start from a fresh copy of the dataset.
+        for _epoch in range(3):
+            worker = copy.deepcopy(ds)
+            for i in range(len(worker)):
+                worker[i]
+    assert len(log_file.read_text().splitlines()) == len(UNREADABLE)
+    warned = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping unreadable")]
+    assert len(warned) == len(UNREADABLE)
+
+
 def test_bad_images_raise_on_request(tmp_path: Path) -> None:
     root = bad_image_folder(tmp_path)
     ds = build_dataset("imagefolder", "train", root=str(root), on_bad_image="raise")

@@ -165,3 +165,20 @@ def test_command_line_entry(pretrained, tmp_path):
         [*cmd[:3], "ckpt=/no/such.ckpt", "out=x"], cwd=tmp_path, capture_output=True, text=True
     )
     assert bad.returncode == 2 and "no such checkpoint file" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("fmt", ["hf", "timm", "official"])
+def test_exported_files_get_the_users_umask(pretrained, tmp_path, fmt):
+    import os
+    import stat
+
+    path, _ = pretrained
+    old = os.umask(0o027)
+    try:
+        _export(f"ckpt={path}", f"format={fmt}", f"out={tmp_path / fmt}")
+    finally:
+        os.umask(old)
+    files = [p for p in (tmp_path / fmt).rglob("*") if p.is_file()] or [tmp_path / fmt]
+    assert files and all(stat.S_IMODE(p.stat().st_mode) == 0o640 for p in files), [
+        (p.name, oct(p.stat().st_mode)) for p in files
+    ]

@@ -85,6 +85,14 @@ def test_bad_input_stops_before_compute(setup, tmp_path):
         _run(f"ckpt={ckpt}", f"input={tmp_path / 'empty'}", f"out={tmp_path / 'x'}")
     with pytest.raises(FileNotFoundError, match="no such checkpoint file"):
         _run(f"ckpt={tmp_path / 'none.ckpt'}", f"input={images}", f"out={tmp_path / 'x'}")
+    # Image files of which none decodes: an error naming them, and no (0, 0) array.
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    (broken / "b.jpg").write_bytes(b"")
+    with pytest.raises(ValueError, match="none of the 2 image files under .* decodes") as err:
+        _run(f"ckpt={ckpt}", f"input={broken}", f"out={tmp_path / 'x'}")
+    assert str(broken / "a.png") in str(err.value) and str(broken / "b.jpg") in str(err.value)
     assert not list(tmp_path.glob("x*"))
 
 

@@ -260,6 +260,9 @@ class ImageFolderDataset(Dataset):
     def _record_bad(self, index: int, reason: str) -> None:
         self._bad.add(index)
         path = self.samples[index][0]
+        # Workers of an earlier epoch (or another worker) may have listed it: once per run.
+        if self.bad_image_log is not None and path in read_bad_image_log(self.bad_image_log):
+            return
         if len(self._bad) <= _MAX_BAD_IMAGE_WARNINGS:
             log.warning("skipping unreadable image %s", reason)
             if len(self._bad) == _MAX_BAD_IMAGE_WARNINGS:
