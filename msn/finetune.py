@@ -26,6 +26,7 @@ from omegaconf.errors import MissingMandatoryValue
 
 from msn.backbone import FEATURE_KINDS
 from msn.config import ConfigError, error_message
+from msn.console import quiet_lightning
 from msn.evaluate import FINETUNED_ROW, MSN_ROW, knn_report, linear_report, lowshot_from_config
 from msn.feature_cache import FeatureCache, file_fingerprint
 from msn.finetuning import check_finetune_config, finetune_summary, run_finetune
@@ -156,6 +157,7 @@ def hydra_entry(config_name: str, run: Callable[[DictConfig], Any]) -> Callable[
 
     @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=config_name)
     def _main(cfg: DictConfig) -> None:
+        quiet_lightning()
         try:
             run(cfg)
         except (ConfigError, FileNotFoundError, ValueError, MissingMandatoryValue) as err:

@@ -17,7 +17,6 @@ import os
 import shlex
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +39,7 @@ from msn.checkpointing import (
     signature_differences,
 )
 from msn.config import ConfigError, error_message, validate_config, writable_problem
+from msn.console import progress_bar, quiet_lightning
 from msn.data.datasets import BadImageError, bad_image_summary
 from msn.evaluate import MSN_ROW, lowshot_from_config
 from msn.interop import init_msn_module, read_checkpoint
@@ -227,6 +227,7 @@ def objective_value(lowshot: dict[str, Any], column: str) -> float:
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Validate, build, fit and evaluate. Returns paths and metrics of the run."""
+    quiet_lightning()
     validate_config(cfg)
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -253,14 +254,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             raise ConfigError([f"init_from={cfg.init_from!r}: {err}"]) from err
         log.info("init_from %s: %s", cfg.init_from, ", ".join(f"{k} <- {v}" for k, v in loaded.items()))
     callbacks = [*build_callbacks(cfg), RunRecord(signature, str(output_dir))]
+    bar = progress_bar() if cfg.trainer.get("enable_progress_bar", True) else None
+    callbacks += [bar] if bar is not None else []
     trainer = built("trainer", cfg.trainer, logger=build_loggers(cfg) or False, callbacks=callbacks)
     if trainer.is_global_zero:
         print(recipe_summary(cfg, model, trainer.world_size), flush=True)
     log.info("output dir: %s", output_dir)
-    # MSNDataModule checkpoints its position in the epoch (state_dict), which Lightning cannot see.
-    warnings.filterwarnings(
-        "ignore", message="You're resuming from a checkpoint that ended before the epoch ended"
-    )
 
     start = time.perf_counter()
     stopped_by_lightning = False

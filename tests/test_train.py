@@ -63,6 +63,28 @@ def test_two_step_run_checkpoints_and_prints_lowshot_table(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
     assert state["global_step"] == 4
+    # The console holds what a user needs: no advertising, no warnings about Lightning internals.
+    for text in ("Tip:", "deprecated", "Be aware that", "dirpath has changed"):
+        assert text not in proc.stdout + proc.stderr, text
+
+
+def test_progress_bar_counts_epochs_from_one_and_names_a_step_limit():
+    from types import SimpleNamespace
+
+    from msn.console import TrainingProgressBar
+
+    bar = TrainingProgressBar()
+    for (epochs, steps), label in (
+        ((100, -1), "Epoch 3/100"),
+        ((100, 50), "Epoch 3, step limit 50"),  # 50 steps end the run long before 100 epochs
+        ((5, 500), "Epoch 3/5"),  # 500 steps would take 12 epochs: the epochs end it
+        ((-1, 50), "Epoch 3, step limit 50"),
+    ):
+        trainer = SimpleNamespace(
+            max_epochs=epochs, max_steps=steps, num_training_batches=42, accumulate_grad_batches=1
+        )
+        bar._trainer = trainer
+        assert bar._get_train_description(2) == label
 
 
 @pytest.mark.slow
