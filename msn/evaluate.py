@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -56,20 +57,23 @@ def frozen_features(
     batch_size: int,
     label: str = "features",
     cache: FeatureCache | None = None,
+    cache_name: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """``(train_x, train_y, test_x, test_y)``: ``model.features`` of both sets, in eval mode.
 
-    With a ``cache``, features are read from it when present and written after extraction.
+    With a ``cache``, features are read from it when present and written after extraction, under
+    ``cache_name`` (default ``label``).
     """
     names = ("train_x", "train_y", "test_x", "test_y")
-    if cache is not None and (hit := cache.load(label)) is not None and set(hit) == set(names):
+    key = cache_name or label
+    if cache is not None and (hit := cache.load(key)) is not None and set(hit) == set(names):
         return tuple(hit[n] for n in names)  # type: ignore[return-value]
     model.eval()
     kw = {"batch_size": batch_size, "device": model.device}
     train_x, train_y = extract_features(model.features, train_ds, desc=f"{label} (train)", **kw)
     test_x, test_y = extract_features(model.features, test_ds, desc=f"{label} (test)", **kw)
     if cache is not None:
-        cache.save(label, train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y)
+        cache.save(key, train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y)
     return train_x, train_y, test_x, test_y
 
 
@@ -129,6 +133,17 @@ def linear_report(
         f"{cfg.epochs} epochs, lr {res['lr']:g} at batch {cfg.batch_size}, "
         f"{res['train']} train / {res['test']} test images)"
     )
+
+
+def dataset_targets(dataset: Dataset) -> np.ndarray:
+    """Class labels ``(N,)`` of a labelled dataset: its ``targets`` (or ``labels``) when it keeps
+    them, else read item by item (which decodes every image)."""
+    targets = getattr(dataset, "targets", None)
+    if targets is None:
+        targets = getattr(dataset, "labels", None)
+    if targets is None or len(targets) != len(dataset):  # type: ignore[arg-type]
+        targets = [dataset[i][1] for i in range(len(dataset))]  # type: ignore[arg-type]
+    return np.asarray(targets, dtype=np.int64)
 
 
 def dataset_file_paths(dataset: Dataset) -> list[str] | None:
@@ -238,24 +253,24 @@ def lowshot_report(
     if not shots and not percents and not files:
         raise ValueError("nothing to evaluate: lowshot.shots, percents and subset_files are all empty")
 
-    splits_cache: dict[str, Any] = {}
+    # Splits from the labels alone, so that only the images they draw (the k-shot pool) are
+    # encoded, not the whole train split.
+    splits = lowshot_splits(dataset_targets(train_ds), shots, percents, seeds)
+    for stem, idx in files.items():
+        if stem in splits or any(_json_key(c) == stem for c in splits):
+            raise ValueError(f"{_SUBSET_KEY}: file name {stem!r} clashes with another column")
+        splits[stem] = [idx]
+    pool = np.unique(np.concatenate([idx for column in splits.values() for idx in column]))
+    pool_ds = train_ds if len(pool) == len(train_ds) else Subset(train_ds, pool.tolist())
+    local = {column: [np.searchsorted(pool, idx) for idx in draws] for column, draws in splits.items()}
+    pool_key = hashlib.sha256(pool.astype(np.int64).tobytes()).hexdigest()[:16]
 
-    def splits_for(train_y: np.ndarray) -> dict[str, list[np.ndarray]]:
-        if "labels" in splits_cache:
-            if not np.array_equal(splits_cache["labels"], train_y):
-                raise ValueError("train labels differ between feature sets")
-            return splits_cache["splits"]
-        splits = lowshot_splits(train_y, shots, percents, seeds)
-        for stem, idx in files.items():
-            if stem in splits or any(_json_key(c) == stem for c in splits):
-                raise ValueError(f"{_SUBSET_KEY}: file name {stem!r} clashes with another column")
-            splits[stem] = [idx]
-        splits_cache.update(labels=train_y, splits=splits)
-        return splits
+    def features(m: Any, label: str) -> tuple[np.ndarray, ...]:
+        return frozen_features(m, pool_ds, test_ds, batch_size, label, cache, f"{label} pool {pool_key}")
 
     def run(feats: tuple[np.ndarray, ...], lams: list[float]) -> dict[float, Results]:
         train_x, train_y, test_x, test_y = feats
-        return lowshot_eval_splits(train_x, train_y, test_x, test_y, splits_for(train_y), lams)
+        return lowshot_eval_splits(train_x, train_y, test_x, test_y, local, lams)
 
     results: dict[str, Results] = {}
     lambd_of: dict[str, float] = {}
@@ -264,16 +279,14 @@ def lowshot_report(
         results[name] = res
         lambd_of[name] = lam
 
-    msn = run(frozen_features(model, train_ds, test_ds, batch_size, "features", cache=cache), lambdas)
+    msn = run(features(model, "features"), lambdas)
     for lam, res in msn.items():
         add(name if len(lambdas) == 1 else f"{name} (λ={lam:g})", res, lam)
     base = lambdas[:1]
     if baseline_model is not None:
-        label = "random-init features"
-        feats = frozen_features(baseline_model, train_ds, test_ds, batch_size, label, cache=cache)
-        add(RANDOM_INIT_ROW, run(feats, base)[base[0]], base[0])
+        add(RANDOM_INIT_ROW, run(features(baseline_model, "random-init features"), base)[base[0]], base[0])
     if raw_pixels:
-        rx, ry = raw_pixel_features(train_ds)
+        rx, ry = raw_pixel_features(pool_ds)
         tx, ty = raw_pixel_features(test_ds)
         add(RAW_PIXELS_ROW, run((rx, ry, tx, ty), base)[base[0]], base[0])
     payload = {

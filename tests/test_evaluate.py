@@ -203,3 +203,33 @@ def test_plot_skips_non_shot_columns(tmp_path):
     assert path.read_bytes().startswith(b"\x89PNG")
     plot_lowshot({"only files": {"file": (10.0, 0.0)}}, tmp_path / "q.png")
     assert (tmp_path / "q.png").exists()
+
+
+class CountingModel(DummyModel):
+    """Counts the images it encodes."""
+
+    seen = 0
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen += len(x)
+        return super().features(x)
+
+
+def test_only_the_k_shot_pool_of_the_train_split_is_encoded(tmp_path):
+    from msn.lowshot import lowshot_eval_splits, lowshot_splits
+
+    train, test = blob_dataset(4, 50, seed=1), blob_dataset(4, 10, seed=2)
+    model = CountingModel(9)
+    kw = {"seeds": [0, 1, 2], "batch_size": 16, "title": "t", "output_dir": tmp_path, "raw_pixels": False}
+    lowshot_report(model, train, test, shots=[1, 2], lambd=0.1, **kw)
+    # At most 2 images per class and split over 3 splits, of 200: not the whole split.
+    assert model.seen <= 4 * 2 * 3 + len(test) and model.seen < len(train)
+    payload = json.loads((tmp_path / "lowshot.json").read_text())["MSN target encoder"]
+    # The same numbers as encoding everything.
+    x, y = train.tensors
+    full_x = DummyModel(9).features(x).numpy()
+    test_x = DummyModel(9).features(test.tensors[0]).numpy()
+    splits = lowshot_splits(y.numpy(), [1, 2], [], [0, 1, 2])
+    expected = lowshot_eval_splits(full_x, y.numpy(), test_x, test.tensors[1].numpy(), splits, [0.1])[0.1]
+    for column, key in (("k=1", "1"), ("k=2", "2")):
+        assert payload[key]["mean"] == pytest.approx(expected[column][0], abs=1e-9)
