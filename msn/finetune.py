@@ -97,7 +97,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             strict=cfg.strict,
         )
         table = finetune_summary(result, cfg.data.name)
-        print("\n" + table, flush=True)
+        _report(table, output_dir)
         return {"output_dir": str(output_dir), "report": table, "result": result}
     model = msn_module(ckpt, device, strict=cfg.strict)
     if cfg.features is not None:
@@ -146,8 +146,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             # A fine-tuned checkpoint's encoder has seen labels: its row must not read as MSN's.
             name=FINETUNED_ROW if ckpt.format == "finetuned" else MSN_ROW,
         )
-    print("\n" + table, flush=True)
+    _report(table, output_dir)
     return {"output_dir": str(output_dir), "report": table}
+
+
+def _report(table: str, output_dir: Path) -> None:
+    # Logged, not printed: the run's log file (finetune.log) keeps the table too.
+    log.info("\n%s\nresults in %s", table, output_dir)
 
 
 def hydra_entry(config_name: str, run: Callable[[DictConfig], Any]) -> Callable[[], None]:

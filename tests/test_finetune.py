@@ -102,8 +102,12 @@ def test_channel_mismatch_and_unknown_mode(ckpt, tmp_path):
         evaluate(_cfg(tmp_path, f"ckpt={ckpt[0]}", "mode=dance"))
 
 
-def test_knn_mode_on_digits(ckpt, tmp_path):
-    out = evaluate(_cfg(tmp_path, f"ckpt={ckpt[0]}", "mode=knn", "knn.k=5"))
+def test_knn_mode_on_digits(ckpt, tmp_path, caplog):
+    with caplog.at_level("INFO", logger="msn"):
+        out = evaluate(_cfg(tmp_path, f"ckpt={ckpt[0]}", "mode=knn", "knn.k=5"))
+    # Logged (so the run's finetune.log keeps it), with where the results went.
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert out["report"] in logged and f"results in {tmp_path}" in logged
     result = json.loads((tmp_path / "knn.json").read_text())
     assert result["k"] == 5 and result["train"] == 1347
     assert 0 <= result["accuracy"] <= 100

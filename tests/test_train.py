@@ -105,7 +105,6 @@ def test_multirun_sweep_writes_one_dir_per_job(tmp_path):
         "--multirun",
         f"hydra.sweep.dir={tmp_path}",
         "model.mask_ratio=0.1,0.3",
-        "lowshot.enabled=false",
         *FAST,
     ]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
@@ -117,6 +116,13 @@ def test_multirun_sweep_writes_one_dir_per_job(tmp_path):
         )
         ratios.append(ckpt["hyper_parameters"]["mask_ratio"])
     assert ratios == [0.1, 0.3]
+    # It ends with one row per job: its overrides and its low-shot score.
+    summary = proc.stdout[proc.stdout.index("Sweep of") :].splitlines()
+    assert summary[1].startswith("| job | overrides | k=1 |")
+    for job, ratio in (("0", 0.1), ("1", 0.3)):
+        score = json.loads((tmp_path / job / "lowshot.json").read_text())["MSN target encoder"]["1"]["mean"]
+        row = next(line for line in summary if line.startswith(f"| {job} |"))
+        assert f"model.mask_ratio={ratio}" in row and row.endswith(f"| {score:.1f} |")
 
 
 def test_objective_value_reads_the_msn_row_of_the_lowshot_table():
