@@ -374,13 +374,13 @@ def main() -> None:
 
 
 __all__ = [
+    "check_resume_point",
     "main",
     "newest_resume_checkpoint",
     "objective_value",
-    "check_resume_point",
     "requested_ckpt_path",
-    "resume_command",
     "resolve_ckpt_path",
+    "resume_command",
     "train",
     "without_foreign_default_recipe",
 ]
