@@ -287,7 +287,6 @@ def validate_config(cfg: DictConfig, environment: bool = True) -> None:
         "images use data=imagefolder data.root=...",
     )
     if name == "imagefolder":
-        root = _get(cfg, "data.root")
         if root in (None, "", "???"):
             problems.append("data.root is required for data=imagefolder (a folder of images)")
         elif not Path(str(root)).expanduser().is_dir():
