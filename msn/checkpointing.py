@@ -9,6 +9,9 @@
 * :class:`RunRecord` stores what the run is (architecture, data, views: :func:`run_signature`)
   and where it lives in every checkpoint, so that ``ckpt_path=last`` resumes only a run of the
   same kind (:func:`signature_differences`).
+* :class:`MetricsCheckpoint` makes the metrics on disk cover every step a checkpoint counts as
+  done: every save flushes the loggers and keeps the row of the step that just ended (Lightning
+  hands it to the loggers only after the save), and a resumed run writes it where it is missing.
 * :class:`RandomStateCheckpoint` stores the global random states (torch CPU and CUDA, numpy,
   Python) in every checkpoint and puts them back when training resumes, so the masking draws of
   a resumed run are the ones the uninterrupted run would have made. (The data stream needs no
@@ -34,11 +37,14 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
 
+from msn.csv_logger import ResumableCSVLogger
+
 log = logging.getLogger(__name__)
 
 __all__ = [
     "AtomicCheckpointIO",
     "CheckpointWriteError",
+    "MetricsCheckpoint",
     "RandomStateCheckpoint",
     "ResumeCheckpoint",
     "RunRecord",
@@ -55,6 +61,8 @@ __all__ = [
 RNG_KEY = "rng_states"
 #: Key of the :class:`RunRecord` in a checkpoint dict.
 RUN_KEY = "msn_run"
+#: Key of :class:`MetricsCheckpoint`'s row in a checkpoint dict.
+PENDING_KEY = "msn_pending_metrics"
 #: What makes two runs the same kind for ``ckpt_path=last``: the architecture, the data, the views.
 SIGNATURE_KEYS = (
     "model.encoder",
@@ -195,6 +203,48 @@ def restore_rng_states(states: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss_next))
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state(states["cuda"])
+
+
+class MetricsCheckpoint(L.Callback):
+    """Every step a checkpoint counts as done has its metrics row on disk, for every logger.
+
+    A save at the end of step ``s`` happens before Lightning logs that step's row, and loggers
+    buffer rows: a kill right after the save would lose them, and the resumed run starts at
+    ``s + 1``. So every save flushes the loggers and stores the pending row of ``s`` (when it is
+    one Lightning logs); at a resume, :class:`~msn.csv_logger.ResumableCSVLogger` keeps the rows
+    before the resume step and the stored row is written unless the CSV file has it already
+    (without a CSV logger it is written, at worst a second point at that step).
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[str, Any] | None = None
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        for logger in trainer.loggers:
+            logger.save()
+        connector = trainer._logger_connector
+        if not trainer.training or connector._first_loop_iter is None:  # between batches: all logged
+            return
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        if not connector.should_update_logs or trainer.fit_loop._should_accumulate():
+            return
+        metrics = {k: float(v) for k, v in connector.metrics["log"].items()}
+        checkpoint[PENDING_KEY] = {"step": step, "metrics": {"epoch": trainer.current_epoch, **metrics}}
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        self._pending = checkpoint.get(PENDING_KEY)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        covered: set[int] | None = None
+        for logger in trainer.loggers:
+            if isinstance(logger, ResumableCSVLogger):
+                covered = logger.keep_before(trainer.global_step)
+        pending, self._pending = self._pending, None
+        if pending is not None and (covered is None or pending["step"] not in covered):
+            for logger in trainer.loggers:
+                logger.log_metrics(pending["metrics"], step=pending["step"])
 
 
 class RandomStateCheckpoint(L.Callback):

@@ -38,6 +38,10 @@ def test_two_step_run_checkpoints_and_prints_lowshot_table(tmp_path):
     proc = _train(tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "MSN target encoder" in proc.stdout and "raw pixels" in proc.stdout
+    # The effective recipe comes first.
+    assert "recipe digits (experiment=digits):" in proc.stdout
+    assert "model    vit_nano/8 (96 wide, 4 blocks), head 64-128, 32 prototypes" in proc.stdout
+    assert "batch    16 x 1 process(es) x 1 accumulated = 16 per step" in proc.stdout
     ckpt = tmp_path / "checkpoints" / "last.ckpt"
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
     assert state["global_step"] == 2
