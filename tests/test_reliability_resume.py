@@ -183,6 +183,18 @@ def _wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: fl
     raise TimeoutError(f"train.py did not reach step {step}")
 
 
+def _start(run_dir: Path, *overrides: str, **popen_kw: object) -> subprocess.Popen:
+    """train.py in the background, from the folder above ``run_dir``."""
+    return subprocess.Popen(
+        _cmd(run_dir, *overrides),
+        cwd=run_dir.parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen_kw,
+    )
+
+
 def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300)
 
@@ -262,13 +274,7 @@ def test_sigkill_at_a_random_step_then_resume_logs_the_uninterrupted_losses(refe
     # DataLoader workers this time: the data stream must not depend on them.
     kill_after = random.Random().randint(2, 11)
     run = tmp_path / "killed"
-    proc = subprocess.Popen(
-        _cmd(run, "data.num_workers=1"),
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = _start(run, "data.num_workers=1")
     _wait_for_step(proc, run, kill_after)
     proc.kill()  # SIGKILL
     proc.communicate()
@@ -298,8 +304,7 @@ def test_sigkill_at_a_random_step_then_resume_logs_the_uninterrupted_losses(refe
 @pytest.mark.slow
 def test_sigterm_saves_at_the_end_of_the_step_and_exits_cleanly(tmp_path):
     run = tmp_path / "run"
-    cmd = _cmd(run, "trainer.max_steps=200", "trainer.max_epochs=100")
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = _start(run, "trainer.max_steps=200", "trainer.max_epochs=100")
     _wait_for_step(proc, run, 4)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
@@ -325,14 +330,7 @@ def test_ctrl_c_saves_prints_the_resume_command_and_resumes_to_the_uninterrupted
     run = tmp_path / "interrupted"
     # Its own process group, so that the SIGINT reaches train.py and its DataLoader worker alike,
     # as Ctrl-C in a terminal does.
-    proc = subprocess.Popen(
-        _cmd(run, "data.num_workers=1"),
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    proc = _start(run, "data.num_workers=1", start_new_session=True)
     _wait_for_step(proc, run, 4)
     os.killpg(proc.pid, signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
