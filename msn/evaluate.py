@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
+from msn.data.datasets import stored_targets
 from msn.feature_cache import FeatureCache
 from msn.knn import knn_accuracy
 from msn.lowshot import (
@@ -138,9 +139,7 @@ def linear_report(
 def dataset_targets(dataset: Dataset) -> np.ndarray:
     """Class labels ``(N,)`` of a labelled dataset: its ``targets`` (or ``labels``) when it keeps
     them, else read item by item (which decodes every image)."""
-    targets = getattr(dataset, "targets", None)
-    if targets is None:
-        targets = getattr(dataset, "labels", None)
+    targets = stored_targets(dataset)
     if targets is None or len(targets) != len(dataset):  # type: ignore[arg-type]
         targets = [dataset[i][1] for i in range(len(dataset))]  # type: ignore[arg-type]
     return np.asarray(targets, dtype=np.int64)

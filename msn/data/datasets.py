@@ -39,6 +39,7 @@ __all__ = [
     "num_classes",
     "read_bad_image_log",
     "read_idx",
+    "stored_targets",
     "to_mode",
 ]
 
@@ -278,6 +279,13 @@ class ImageFolderDataset(Dataset):
 # ----------------------------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------------------------
+def stored_targets(dataset: Dataset) -> Sequence[int] | None:
+    """The labels a dataset keeps beside its images (``targets``; ``labels`` in torchvision's
+    STL10), or None when it keeps none."""
+    targets = getattr(dataset, "targets", None)
+    return getattr(dataset, "labels", None) if targets is None else targets
+
+
 def has_labels(dataset: Dataset) -> bool:
     """Whether *every* sample of ``dataset`` has a class label (a non-empty ``classes`` and no ``-1`` labels).
 
@@ -285,9 +293,7 @@ def has_labels(dataset: Dataset) -> bool:
     """
     if not getattr(dataset, "classes", None):
         return False
-    targets = getattr(dataset, "targets", None)
-    if targets is None:
-        targets = getattr(dataset, "labels", None)  # torchvision's STL10 calls them labels
+    targets = stored_targets(dataset)
     if targets is None:
         return True
     return len(targets) > 0 and int(np.min(np.asarray(targets))) >= 0
