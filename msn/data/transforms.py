@@ -228,7 +228,7 @@ class MultiViewTransform:
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
     ) -> None:
-        self._interpolation_mode = _check_interpolation(interpolation)
+        _check_interpolation(interpolation)
         self.interpolation = str(interpolation)
         self.rand_size = _check_int("rand_size", rand_size, 1)
         self.focal_size = _check_int("focal_size", focal_size, 1)
@@ -261,7 +261,7 @@ class MultiViewTransform:
     def _view_transform(self, size: int, scale: tuple[float, float]) -> T.Compose:
         """The augmentation pipeline of one view (SimCLR/BYOL-style recipe used by MSN)."""
         steps: list[Callable] = [
-            T.RandomResizedCrop(size, scale=scale, interpolation=self._interpolation_mode)
+            T.RandomResizedCrop(size, scale=scale, interpolation=INTERPOLATIONS[self.interpolation])
         ]
         if self.hflip_p > 0:
             steps.append(T.RandomHorizontalFlip(p=self.hflip_p))
