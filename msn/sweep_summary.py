@@ -11,6 +11,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from msn.evaluate import MSN_ROW
+from msn.lowshot import shot_label
 
 __all__ = ["SweepSummary", "sweep_table"]
 
@@ -32,7 +33,7 @@ def sweep_table(sweep_dir: Path) -> str | None:
         scores = json.loads(table.read_text()).get(MSN_ROW, {}) if table.is_file() else {}
         columns += [c for c in scores if c not in columns]
         rows.append((job.name, " ".join(overrides), scores))
-    header = ["job", "overrides", *(f"k={c}" if c.isdigit() else c for c in columns)]
+    header = ["job", "overrides", *(shot_label(int(c)) if c.isdigit() else c for c in columns)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, overrides, scores in rows:
         cells = [f"{scores[c]['mean']:.1f}" if c in scores else "-" for c in columns]
