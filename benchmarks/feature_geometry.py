@@ -32,19 +32,12 @@ import torch
 from hydra import compose, initialize_config_dir
 from sklearn.exceptions import ConvergenceWarning
 
-from msn.evaluate import MSN_ROW, RAW_PIXELS_ROW
-from msn.finetune import eval_datamodule
-from msn.interop import msn_module, read_checkpoint
-from msn.knn import knn_accuracy
-from msn.lowshot import (
-    DEFAULT_SEEDS,
-    extract_features,
-    fit_logistic,
-    lowshot_splits,
-    preprocess,
-    raw_pixel_features,
-    shot_label,
-)
+from msn.cli.evaluate import eval_datamodule
+from msn.eval.features import extract_features, raw_pixel_features
+from msn.eval.knn import knn_accuracy
+from msn.eval.lowshot import DEFAULT_SEEDS, fit_logistic, lowshot_splits, preprocess, shot_label
+from msn.eval.reports import MSN_ROW, RAW_PIXELS_ROW
+from msn.io import msn_module, read_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 TOP = 10  # principal components whose variance share is reported
@@ -67,7 +60,7 @@ def per_class_kshot(
     splits: Sequence[np.ndarray],
 ) -> tuple[float, np.ndarray]:
     """Accuracy (%) and per-class accuracies (%) of the k-shot ``splits`` (train indices, e.g.
-    from :func:`msn.lowshot.lowshot_splits`), each the mean over the splits."""
+    from :func:`msn.eval.lowshot.lowshot_splits`), each the mean over the splits."""
     classes = np.unique(test_y)
     overall, per_class = [], []
     for idx in splits:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from msn.evaluate import MSN_ROW, RANDOM_INIT_ROW, RAW_PIXELS_ROW
+from msn.eval.reports import MSN_ROW, RANDOM_INIT_ROW, RAW_PIXELS_ROW
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"

@@ -61,6 +61,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+
 from msn import backbone  # noqa: E402
 from msn.ema import ema_update_  # noqa: E402
 from msn.masking import num_kept  # noqa: E402

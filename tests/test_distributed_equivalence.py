@@ -23,15 +23,15 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from lightning.pytorch.strategies import FSDPStrategy
 from timm.models.vision_transformer import Block
-from tiny_msn import fit_steps, tiny_module
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from msn.cli.common import CONFIG_DIR
 from msn.distributed import SyncBatchNorm1d, clip_grad_norm_, revert_sync_batchnorm, sync_batchnorm
 from msn.head import ProjectionHead
 from msn.masking import seeded_keep_indices
 from msn.module import MSNModule
-from msn.train import CONFIG_DIR
+from tests.helpers import fit_steps, tiny_module
 
 WORLD, B, STEPS = 2, 4, 3
 VIEWS = (16, 16, 8, 8)  # target, one masked anchor, two focal views

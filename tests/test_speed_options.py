@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_msn import fit_steps, tiny_module
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
 from msn import backbone
 from msn.module import MSNModule
+from tests.helpers import fit_steps, tiny_module
 
 B, VIEWS = 4, (16, 16, 8, 8)  # target, one masked anchor, two focal views
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -16,7 +16,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2 as T
 
 from msn.data.batched import BatchedMultiView
-from msn.data.datasets import DATASETS, ON_BAD_IMAGE, SPLITS, build_dataset, has_labels
+from msn.data.datasets import DATASETS, SPLITS, build_dataset, has_labels
+from msn.data.folders import ON_BAD_IMAGE
 from msn.data.resumable import ResumableSampler, SeededDataset, batch_seed, data_position
 from msn.data.transforms import (
     INTERPOLATIONS,
@@ -81,7 +82,7 @@ class MSNDataModule(L.LightningDataModule):
             a square so that images batch together; ``null`` keeps the stored size (all images must
             then have the same size, as in digits, Fashion-MNIST, CIFAR and STL-10).
         on_bad_image: ``skip`` (default) or ``raise`` on an image file that cannot be decoded
-            (imagefolder; see :class:`~msn.data.datasets.ImageFolderDataset`).
+            (imagefolder; see :class:`~msn.data.folders.ImageFolderDataset`).
         bad_image_log: File that skipped image files are listed in (``path<TAB>reason`` lines).
 
     Resuming: the training stream is a pure function of ``(seed, epoch, position)``

@@ -1,0 +1,396 @@
+"""Lightning callbacks for MSN pre-training.
+
+:class:`OnlineEvalCallback` watches a run while it trains: every few epochs it measures the
+frozen target encoder on the labelled holdout (weighted kNN and low-shot logistic regression)
+and how many prototypes the target network actually uses, and warns loudly when the prototype
+usage collapses, so a bad run is stopped after minutes instead of at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import numbers
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+from torch.utils.data import Dataset, Subset
+
+from msn.eval.features import extract_features
+from msn.eval.knn import knn_accuracy
+from msn.eval.lowshot import lowshot_eval
+
+__all__ = ["OnlineEvalCallback", "OnlineEvalResult", "PrototypeCollapseWarning"]
+
+#: Seed of the permutation that picks the ``max_train`` / ``max_test`` subsets. Fixed, so every
+#: evaluation of a run (and of a resumed run) sees the same images and the curves are comparable.
+SUBSAMPLE_SEED = 0
+#: Name of the JSON-lines record written next to the logs, one line per evaluation.
+JSONL_NAME = "online_eval.jsonl"
+#: Batches after which BatchNorm running statistics (momentum 0.1) keep < 1 % of their initial
+#: value (0.9 ** 50 = 0.005); before that a collapse warning carries a caveat.
+_SETTLED_BN_BATCHES = 50
+
+
+class PrototypeCollapseWarning(UserWarning):
+    """The target network assigns the evaluated images to only a few prototypes."""
+
+
+@dataclass
+class OnlineEvalResult:
+    """Outcome of one online evaluation.
+
+    Attributes:
+        knn: weighted kNN top-1 accuracy (percent).
+        lowshot: ``{k: (mean, std)}`` low-shot accuracy (percent) for every k that could be evaluated.
+        counts: for every prototype, how many evaluated test images have it as their most likely one.
+        num_train: labelled training (support) images evaluated.
+        num_test: test images evaluated.
+        skipped: why some low-shot k could not be evaluated (warned about, not fatal).
+    """
+
+    knn: float
+    lowshot: dict[int, tuple[float, float]]
+    counts: list[int]
+    num_train: int
+    num_test: int
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def num_prototypes(self) -> int:
+        """K, the number of prototypes."""
+        return len(self.counts)
+
+    @property
+    def num_used(self) -> int:
+        """Distinct prototypes that are the argmax of at least one test image."""
+        return int(sum(c > 0 for c in self.counts))
+
+
+def _is_int(value: Any) -> bool:
+    # bool is an Integral, but `every_n_epochs=True` is a config mistake, not 1.
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _int_tuple(values: Any, name: str, minimum: int | None) -> tuple[int, ...]:
+    """Hydra hands lists over as ListConfig: accept any sequence of integers and freeze it."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or len(values) == 0:
+        raise ValueError(f"{name} must be a non-empty list of integers, got {values!r}")
+    for v in values:
+        if not _is_int(v) or (minimum is not None and v < minimum):
+            bound = f" >= {minimum}" if minimum is not None else ""
+            raise ValueError(f"{name} must contain integers{bound}, got {list(values)!r}")
+    return tuple(int(v) for v in values)
+
+
+def _subsample(dataset: Dataset, max_items: int | None) -> Dataset:
+    """At most ``max_items`` items of ``dataset``: a fixed-seed random subset, in dataset order."""
+    n = len(dataset)  # type: ignore[arg-type]
+    if max_items is None or n <= max_items:
+        return dataset
+    # A private generator: the global RNG of the training run must not move.
+    generator = torch.Generator().manual_seed(SUBSAMPLE_SEED)
+    # Sorted indices keep the reads in file order (cheaper on disk-backed image folders).
+    indices = torch.randperm(n, generator=generator)[:max_items].sort().values
+    return Subset(dataset, indices.tolist())
+
+
+def _batchnorm_batches_seen(module: torch.nn.Module) -> int | None:
+    """Fewest batches counted by any BatchNorm layer of ``module`` (None: no BatchNorm with a count)."""
+    seen = [
+        int(m.num_batches_tracked)
+        for m in module.modules()
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.num_batches_tracked is not None
+    ]
+    return min(seen) if seen else None
+
+
+@contextmanager
+def _frozen_eval_mode(module: torch.nn.Module) -> Iterator[None]:
+    """Put every submodule in eval mode, then give each back exactly the mode it had.
+
+    Restoring per submodule (rather than a blanket ``.train()``) keeps whatever modes the module
+    chose for itself; during fit Lightning expects all of it, target network included, in train
+    mode, and an evaluation leaving BatchNorm in eval mode would silently change the training.
+    """
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+class OnlineEvalCallback(L.Callback):
+    """Periodic kNN / low-shot accuracy and prototype usage of the target network during pre-training.
+
+    At the end of every ``every_n_epochs``-th training epoch (counted from 1; also after the
+    first epoch with ``on_first_epoch``), on global rank 0 only, the callback
+
+    1. extracts frozen :meth:`~msn.module.MSNModule.features` of the labelled holdout from
+       ``trainer.datamodule.eval_datasets()`` (subsampled to ``max_train`` / ``max_test`` images
+       with a fixed-seed permutation, so large data sets stay cheap to evaluate);
+    2. logs ``online/knn`` (weighted kNN, DINO protocol) and ``online/lowshot_{k}shot`` (mean over
+       ``seeds`` of the official low-shot protocol) through ``pl_module.log``;
+    3. takes the argmax of :meth:`~msn.module.MSNModule.prototype_probs` of every evaluated test
+       image and logs ``online/num_prototypes_used`` (distinct argmaxes) and, on TensorBoard and
+       Weights & Biases loggers, the histogram ``online/prototype_usage`` over the K prototypes;
+    4. appends a JSON line (epoch, step, knn, lowshot, num_used, counts, ...) to
+       ``online_eval.jsonl`` in ``dirpath`` (default: ``trainer.log_dir``), independent of any logger;
+    5. emits a :class:`PrototypeCollapseWarning` when fewer than
+       ``collapse_fraction * min(K, evaluated test images)`` prototypes are used.
+
+    The evaluation runs in eval mode (running BatchNorm statistics), under the trainer's
+    precision context, and inside ``torch.random.fork_rng``: afterwards every submodule has its
+    previous mode back and the training run's torch RNG is where it was, so adding the callback
+    does not change the training itself. Without labels (or without a datamodule that has
+    ``eval_datasets``) it warns once at fit start and does nothing.
+
+    Args:
+        every_n_epochs: evaluate after epochs ``n, 2n, 3n, ...`` (1-based).
+        knn_k: neighbours of the kNN classifier (capped at the number of training images).
+        knn_temperature: temperature of the kNN vote weights.
+        shots: labelled images per class of the low-shot evaluation.
+        seeds: low-shot splits (the logged value is the mean over them).
+        lambd: L2 penalty of the low-shot logistic regression (official 0.0025).
+        max_train: evaluate at most this many labelled training images (None: all).
+        max_test: evaluate at most this many test images (None: all).
+        batch_size: images per forward pass of the feature extraction.
+        collapse_fraction: warn when the used prototypes fall below this fraction of
+            ``min(K, evaluated test images)``; 0 never warns.
+        on_first_epoch: also evaluate after the first epoch (an early sanity check).
+        dirpath: folder of ``online_eval.jsonl``; None uses ``trainer.log_dir`` (the first
+            logger's folder, else ``default_root_dir``).
+    """
+
+    def __init__(
+        self,
+        every_n_epochs: int = 10,
+        knn_k: int = 20,
+        knn_temperature: float = 0.07,
+        shots: Sequence[int] = (1, 5),
+        seeds: Sequence[int] = (0,),
+        lambd: float = 0.0025,
+        max_train: int | None = None,
+        max_test: int | None = None,
+        batch_size: int = 256,
+        collapse_fraction: float = 0.1,
+        on_first_epoch: bool = False,
+        dirpath: str | Path | None = None,
+    ) -> None:
+        super().__init__()
+        if not _is_int(every_n_epochs) or every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs must be an integer >= 1, got {every_n_epochs!r}")
+        if not _is_int(knn_k) or knn_k < 1:
+            raise ValueError(f"knn_k must be an integer >= 1, got {knn_k!r}")
+        if not isinstance(knn_temperature, numbers.Real) or not 0 < knn_temperature < float("inf"):
+            raise ValueError(f"knn_temperature must be a finite number > 0, got {knn_temperature!r}")
+        self.shots = _int_tuple(shots, "shots", minimum=1)
+        self.seeds = _int_tuple(seeds, "seeds", minimum=None)
+        if not isinstance(lambd, numbers.Real) or not 0 < lambd < float("inf"):
+            raise ValueError(f"lambd must be a finite number > 0, got {lambd!r}")
+        for name, value in (("max_train", max_train), ("max_test", max_test)):
+            if value is not None and (not _is_int(value) or value < 1):
+                raise ValueError(f"{name} must be null (all images) or an integer >= 1, got {value!r}")
+        if not _is_int(batch_size) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        if not isinstance(collapse_fraction, numbers.Real) or not 0.0 <= collapse_fraction <= 1.0:
+            raise ValueError(f"collapse_fraction must be a number in [0, 1], got {collapse_fraction!r}")
+        if not isinstance(on_first_epoch, bool):
+            raise ValueError(f"on_first_epoch must be true or false, got {on_first_epoch!r}")
+
+        self.every_n_epochs = int(every_n_epochs)
+        self.knn_k = int(knn_k)
+        self.knn_temperature = float(knn_temperature)
+        self.lambd = float(lambd)
+        self.max_train = None if max_train is None else int(max_train)
+        self.max_test = None if max_test is None else int(max_test)
+        self.batch_size = int(batch_size)
+        self.collapse_fraction = float(collapse_fraction)
+        self.on_first_epoch = on_first_epoch
+        self.dirpath = None if dirpath is None else Path(dirpath)
+        # (train, test) after subsampling; None until fit start finds labelled data.
+        self._datasets: tuple[Dataset, Dataset] | None = None
+        self._warned: set[str] = set()
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Find the labelled holdout once (rank 0), so a run without labels warns at start, not later."""
+        if not trainer.is_global_zero or self._datasets is not None:
+            return
+        eval_datasets = getattr(trainer.datamodule, "eval_datasets", None)
+        if eval_datasets is None:
+            self._warn_once(
+                "no_datamodule",
+                "OnlineEvalCallback needs a datamodule with eval_datasets() (e.g. MSNDataModule) "
+                "passed to trainer.fit(datamodule=...); online evaluation is disabled for this run.",
+            )
+            return
+        try:
+            train_ds, test_ds = eval_datasets()
+        except ValueError as err:  # unlabeled data is a normal use of MSN, not a failure
+            self._warn_once(
+                "no_labels",
+                f"OnlineEvalCallback: no labelled evaluation data ({err}); "
+                "online evaluation is disabled for this run.",
+            )
+            return
+        self._datasets = (_subsample(train_ds, self.max_train), _subsample(test_ds, self.max_test))
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Evaluate, log, record and check for collapse when this epoch is due."""
+        if self._datasets is None or not trainer.is_global_zero or not self.is_due(trainer.current_epoch):
+            return
+        result = self.evaluate(pl_module, *self._datasets, precision=trainer.precision_plugin)
+        epoch, step = trainer.current_epoch, trainer.global_step
+        for message in result.skipped:
+            self._warn_once(message, f"OnlineEvalCallback: {message}")
+        self._log(trainer, pl_module, result)
+        self._write_jsonl(trainer, result, epoch, step)
+        self._check_collapse(result, epoch, _batchnorm_batches_seen(pl_module))
+
+    # ------------------------------------------------------------------ evaluation
+    def is_due(self, epoch: int) -> bool:
+        """Whether to evaluate at the end of the 0-based ``epoch``."""
+        return (epoch + 1) % self.every_n_epochs == 0 or (self.on_first_epoch and epoch == 0)
+
+    def evaluate(
+        self, pl_module: Any, train_ds: Dataset, test_ds: Dataset, precision: Any | None = None
+    ) -> OnlineEvalResult:
+        """kNN, low-shot accuracy and prototype usage of ``pl_module`` on the given datasets.
+
+        ``pl_module`` needs ``features``, ``prototype_probs``, ``prototypes`` and ``device``
+        (an :class:`~msn.module.MSNModule`). ``precision`` is the trainer's precision plugin, so
+        the forward passes use the training's dtype/autocast; None runs them as they are. Leaves
+        the module modes and the torch RNG state as they were; logs nothing.
+        """
+        device = pl_module.device
+        # fork_rng would fork *every* visible GPU by default (and warn); only ours is used.
+        rng_devices = [device] if device.type == "cuda" else []
+        forward = precision.forward_context() if precision is not None else nullcontext()
+        convert = precision.convert_input if precision is not None else (lambda x: x)
+
+        def run(fn: Callable[[Tensor], Tensor], dataset: Dataset) -> tuple[np.ndarray, np.ndarray]:
+            # The DataLoader draws its base seed from the global RNG even without shuffling:
+            # fork_rng keeps that draw out of the training run's random stream.
+            return extract_features(
+                lambda x: fn(convert(x)), dataset, batch_size=self.batch_size, device=device, progress=False
+            )
+
+        with torch.random.fork_rng(devices=rng_devices), _frozen_eval_mode(pl_module), forward:
+            train_x, train_y = run(pl_module.features, train_ds)
+            test_x, test_y = run(pl_module.features, test_ds)
+            # argmax as a (B, 1) "feature": extract_features then batches and collects it for us.
+            assigned, _ = run(lambda x: pl_module.prototype_probs(x).argmax(dim=1, keepdim=True), test_ds)
+
+        skipped: list[str] = []
+        # A subsampled support set can be smaller than knn_k; fewer neighbours beat no number.
+        knn_k = min(self.knn_k, len(train_y))
+        knn = knn_accuracy(train_x, train_y, test_x, test_y, knn_k, self.knn_temperature)
+        lowshot: dict[int, tuple[float, float]] = {}
+        for k in self.shots:
+            try:
+                lowshot.update(lowshot_eval(train_x, train_y, test_x, test_y, (k,), self.seeds, self.lambd))
+            except ValueError as err:  # some class has fewer than k images in the (sub)set
+                skipped.append(f"low-shot k={k} skipped: {err} (raise max_train or lower shots)")
+        num_prototypes = int(pl_module.prototypes.shape[0])
+        counts = np.bincount(assigned[:, 0].astype(np.int64), minlength=num_prototypes)
+        return OnlineEvalResult(
+            knn=knn,
+            lowshot=lowshot,
+            counts=[int(c) for c in counts],
+            num_train=len(train_y),
+            num_test=len(test_y),
+            skipped=skipped,
+        )
+
+    # ------------------------------------------------------------------ reporting
+    def _log(self, trainer: L.Trainer, pl_module: L.LightningModule, result: OnlineEvalResult) -> None:
+        metrics = {"online/num_prototypes_used": float(result.num_used)}
+        metrics["online/knn"] = result.knn
+        metrics.update({f"online/lowshot_{k}shot": mean for k, (mean, _) in result.lowshot.items()})
+        # rank_zero_only: only rank 0 evaluates, so nothing may wait for the other ranks.
+        # logger=False without loggers avoids Lightning's "no logger configured" warning.
+        pl_module.log_dict(metrics, rank_zero_only=True, logger=bool(trainer.loggers))
+        # Lightning logs epoch-end metrics at the step of the last batch (global_step - 1): the
+        # histogram goes to the same step so it lines up with the scalars of this evaluation.
+        step = max(trainer.global_step - 1, 0)
+        for logger in trainer.loggers:
+            self._log_histogram(logger, result.counts, step)
+
+    @staticmethod
+    def _log_histogram(logger: Any, counts: Sequence[int], step: int) -> None:
+        """Prototype-usage histogram for loggers that have histograms (others: the count is enough)."""
+        counts_arr = np.asarray(counts, dtype=np.int64)
+        # One bin per prototype, centred on its index.
+        edges = np.arange(len(counts_arr) + 1, dtype=np.float64) - 0.5
+        if isinstance(logger, TensorBoardLogger):
+            indices = np.repeat(np.arange(len(counts_arr), dtype=np.float64), counts_arr)
+            if indices.size:  # TensorBoard rejects an empty histogram
+                logger.experiment.add_histogram("online/prototype_usage", indices, step, bins=edges)
+        elif isinstance(logger, WandbLogger):
+            import wandb  # only when a wandb logger is in use: importing it is slow
+
+            hist = wandb.Histogram(np_histogram=(counts_arr.tolist(), edges.tolist()))
+            logger.log_metrics({"online/prototype_usage": hist}, step=step)
+
+    def _jsonl_path(self, trainer: L.Trainer) -> Path:
+        return (self.dirpath or Path(trainer.log_dir or trainer.default_root_dir)) / JSONL_NAME
+
+    def _write_jsonl(self, trainer: L.Trainer, result: OnlineEvalResult, epoch: int, step: int) -> None:
+        record = {
+            "epoch": epoch,
+            "step": step,
+            "knn": result.knn,
+            "lowshot": {str(k): {"mean": m, "std": s} for k, (m, s) in result.lowshot.items()},
+            "num_used": result.num_used,
+            "num_prototypes": result.num_prototypes,
+            "num_train": result.num_train,
+            "num_test": result.num_test,
+            "counts": result.counts,
+        }
+        path = self._jsonl_path(trainer)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Append: one line per evaluation, and a resumed run continues the same record.
+        with path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _check_collapse(self, result: OnlineEvalResult, epoch: int, bn_batches: int | None = None) -> None:
+        """Warn when the prototype usage is below ``collapse_fraction * min(K, test images)``.
+
+        ``bn_batches``: fewest batches any BatchNorm layer has seen; eval-mode assignments rest on
+        its running statistics, which still hold much of their initial value early in training.
+        """
+        # With fewer test images than prototypes, at most num_test prototypes can be used.
+        reachable = min(result.num_prototypes, result.num_test)
+        threshold = self.collapse_fraction * reachable
+        if result.num_used < threshold:
+            caveat = ""
+            if bn_batches is not None and bn_batches < _SETTLED_BN_BATCHES:
+                caveat = (
+                    f" Caveat: the BatchNorm running statistics have seen only {bn_batches} batches "
+                    "so far; eval-mode assignments this early can look collapsed when training is fine."
+                )
+            rank_zero_warn(
+                f"PROTOTYPE COLLAPSE after epoch {epoch}: the target network assigns the "
+                f"{result.num_test} evaluated test images to only {result.num_used} of "
+                f"K={result.num_prototypes} prototypes (< {self.collapse_fraction:g} x {reachable}). "
+                "The representation is collapsing; try a lower learning rate (model.optim.ref_lr), a "
+                "larger batch (data.batch_size), Sinkhorn on (model.loss.sinkhorn_iterations=3) or a "
+                f"larger ME-MAX weight (model.loss.me_max_weight).{caveat}",
+                category=PrototypeCollapseWarning,
+            )
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            rank_zero_warn(message)

@@ -1,0 +1,223 @@
+"""OnlineEvalCallback: online kNN / low-shot / prototype usage during a real (tiny) Lightning fit."""
+
+import csv
+import json
+import warnings
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+
+from msn.data import MSNDataModule
+from msn.eval.online import JSONL_NAME, OnlineEvalCallback, PrototypeCollapseWarning, _subsample
+from msn.module import MSNModule
+
+K = 8
+
+
+def _module() -> MSNModule:
+    return MSNModule(
+        encoder={"arch": "vit_nano", "patch_size": 4, "img_size": 16, "in_chans": 1},
+        head={"hidden_dim": 32, "out_dim": 16},
+        num_prototypes=K,
+        optim={"warmup_epochs": 1},
+    )
+
+
+def _datamodule(cls: type[MSNDataModule] = MSNDataModule) -> MSNDataModule:
+    return cls(
+        name="digits",
+        in_chans=1,
+        mean=[0.5],
+        std=[0.5],
+        batch_size=32,
+        transform=dict(rand_size=16, focal_size=8, focal_views=1),
+        eval_img_size=16,
+        eval_crop_pct=1.0,
+    )
+
+
+class ModeProbe(L.Callback):
+    """Runs right after the callbacks listed before it: records whether everything is in train mode."""
+
+    def __init__(self) -> None:
+        self.all_training: list[bool] = []
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.all_training.append(all(m.training for m in pl_module.modules()))
+
+
+def _fit(tmp_path, callbacks, model=None, datamodule=None, epochs=2, batches=2, logger=True):
+    torch.manual_seed(0)
+    model = model or _module()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=epochs,
+        limit_train_batches=batches,
+        logger=CSVLogger(tmp_path, name="csv", version="") if logger else False,
+        callbacks=callbacks,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+    )
+    trainer.fit(model, datamodule=datamodule or _datamodule())
+    return model, trainer
+
+
+def test_fit_logs_online_metrics_and_leaves_training_untouched(tmp_path):
+    cb = OnlineEvalCallback(every_n_epochs=1, max_train=200, max_test=100, batch_size=128)
+    probe = ModeProbe()
+    model, trainer = _fit(tmp_path / "with", [cb, probe])
+    after_with = torch.rand(4)
+
+    # metrics.csv: one row per evaluation, accuracies in percent
+    with open(tmp_path / "with" / "csv" / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("online/knn")]
+    assert len(rows) == 2
+    for row in rows:
+        for name in ("online/knn", "online/lowshot_1shot", "online/lowshot_5shot"):
+            assert 0.0 <= float(row[name]) <= 100.0
+        assert 1 <= float(row["online/num_prototypes_used"]) <= K
+
+    # the JSON-lines record (into trainer.log_dir, here the CSV logger's folder)
+    lines = (tmp_path / "with" / "csv" / JSONL_NAME).read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [r["epoch"] for r in records] == [0, 1]
+    assert [r["step"] for r in records] == [2, 4]
+    for r in records:
+        assert len(r["counts"]) == K and sum(r["counts"]) == r["num_test"] == 100
+        assert r["num_train"] == 200
+        assert r["num_used"] == sum(c > 0 for c in r["counts"])
+        assert set(r["lowshot"]) == {"1", "5"}
+
+    # every submodule (target network included) was back in train mode right after each
+    # evaluation, and still is after the fit
+    assert probe.all_training == [True, True]
+    assert model.training and model.target_encoder.training and model.target_head.training
+
+    # the same fit without the callback: same weights and the same RNG stream afterwards
+    plain, _ = _fit(tmp_path / "without", [], logger=False)
+    assert torch.equal(after_with, torch.rand(4))
+    for (name, p), q in zip(model.state_dict().items(), plain.state_dict().values()):
+        assert torch.equal(p, q), name
+
+
+def test_evaluate_keeps_rng_and_module_modes():
+    torch.manual_seed(0)
+    model = _module()
+    model.target_head.eval()  # a mixed state must come back exactly, not as a blanket train()
+    train_ds, test_ds = _datamodule().eval_datasets()
+    train_ds, test_ds = _subsample(train_ds, 100), _subsample(test_ds, 30)
+    cb = OnlineEvalCallback(shots=(1,), max_train=100, max_test=30)
+    state = torch.get_rng_state()
+    result = cb.evaluate(model, train_ds, test_ds)
+    assert torch.equal(state, torch.get_rng_state())
+    assert model.training and model.target_encoder.training and not model.target_head.training
+    assert 0.0 <= result.knn <= 100.0 and set(result.lowshot) == {1}
+    assert sum(result.counts) == result.num_test == 30 and result.num_train == 100
+    # deterministic: the same numbers on a second call
+    again = cb.evaluate(model, train_ds, test_ds)
+    assert (again.knn, again.lowshot, again.counts) == (result.knn, result.lowshot, result.counts)
+
+
+def test_subsample_is_fixed_sorted_and_bounded():
+    data = list(range(50))
+    a, b = _subsample(data, 10), _subsample(data, 10)
+    assert a.indices == b.indices == sorted(a.indices) and len(a) == 10
+    assert _subsample(data, 50) is data and _subsample(data, None) is data
+
+
+def test_collapse_warning(tmp_path):
+    model = _module()
+    with torch.no_grad():
+        # Identical prototypes get identical gradients and stay identical: every image picks
+        # prototype 0 (the first of equal maxima), the textbook collapse.
+        model.prototypes.copy_(model.prototypes[:1].expand_as(model.prototypes))
+    cb = OnlineEvalCallback(
+        every_n_epochs=1, shots=(1,), max_train=50, max_test=40, collapse_fraction=0.5, dirpath=tmp_path
+    )
+    with pytest.warns(PrototypeCollapseWarning, match=r"PROTOTYPE COLLAPSE after epoch 0.* only 1 of K=8"):
+        _fit(tmp_path, [cb], model=model, epochs=1, batches=1, logger=False)
+    record = json.loads((tmp_path / JSONL_NAME).read_text())
+    assert record["num_used"] == 1 and record["counts"][0] == 40
+
+
+class UnlabeledDigits(MSNDataModule):
+    def eval_datasets(self):
+        raise ValueError("evaluation needs labels")
+
+
+def test_unlabeled_data_warns_once_and_does_nothing(tmp_path):
+    cb = OnlineEvalCallback(every_n_epochs=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _fit(tmp_path, [cb], datamodule=_datamodule(UnlabeledDigits))
+    ours = [w for w in caught if "OnlineEvalCallback" in str(w.message)]
+    assert len(ours) == 1 and "no labelled evaluation data" in str(ours[0].message)
+    assert not (tmp_path / "csv" / JSONL_NAME).exists()
+    with open(tmp_path / "csv" / "metrics.csv") as f:
+        assert "online/knn" not in f.readline()
+
+
+def test_histograms_go_to_tensorboard_and_wandb(tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    counts = [3, 0, 5, 1]
+    tb = TensorBoardLogger(tmp_path, name="tb", version="")
+    OnlineEvalCallback._log_histogram(tb, counts, step=7)
+    tb.experiment.flush()
+    acc = EventAccumulator(tb.log_dir, size_guidance={"histograms": 0})
+    acc.Reload()
+    (event,) = acc.Histograms("online/prototype_usage")
+    assert event.step == 7 and event.histogram_value.num == 9
+
+    wandb = pytest.importorskip("wandb")
+    logged = []
+    wb = WandbLogger(offline=True, save_dir=str(tmp_path))  # no run starts until .experiment is used
+    monkeypatch.setattr(wb, "log_metrics", lambda metrics, step: logged.append((metrics, step)))
+    OnlineEvalCallback._log_histogram(wb, counts, step=7)
+    ((metrics, step),) = logged
+    hist = metrics["online/prototype_usage"]
+    assert step == 7 and isinstance(hist, wandb.Histogram)
+    assert list(hist.histogram) == counts and len(hist.bins) == len(counts) + 1
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"every_n_epochs": 0},
+        {"every_n_epochs": 1.5},
+        {"every_n_epochs": True},
+        {"knn_k": 0},
+        {"knn_temperature": 0.0},
+        {"shots": ()},
+        {"shots": (0, 1)},
+        {"shots": "1"},
+        {"seeds": []},
+        {"lambd": -1.0},
+        {"max_train": 0},
+        {"max_test": -5},
+        {"batch_size": 0},
+        {"collapse_fraction": 1.5},
+        {"collapse_fraction": -0.1},
+        {"on_first_epoch": "yes"},
+    ],
+)
+def test_bad_arguments_raise(kwargs):
+    name = next(iter(kwargs))
+    with pytest.raises(ValueError, match=name):
+        OnlineEvalCallback(**kwargs)
+
+
+def test_schedule_and_list_config_arguments():
+    from omegaconf import OmegaConf
+
+    cb = OnlineEvalCallback(every_n_epochs=3, shots=OmegaConf.create([1, 2]), seeds=OmegaConf.create([0]))
+    assert cb.shots == (1, 2) and cb.seeds == (0,)
+    assert [e for e in range(9) if cb.is_due(e)] == [2, 5, 8]
+    first = OnlineEvalCallback(every_n_epochs=3, on_first_epoch=True)
+    assert [e for e in range(6) if first.is_due(e)] == [0, 2, 5]
+    assert np.isclose(OnlineEvalCallback().knn_temperature, 0.07)
