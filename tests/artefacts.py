@@ -10,6 +10,7 @@ from timm.models.vision_transformer import VisionTransformer
 from msn.backbone import embed_tokens, forward_tokens
 from msn.head import ProjectionHead
 from msn.module import MSNModule
+from tests.helpers import tiny_module
 
 # A 2-block, 96-wide ViT on 16 px grey images, patch 4: fast, and every key kind is present.
 ENCODER = {"arch": "vit_nano", "patch_size": 4, "img_size": 16, "in_chans": 1, "depth": 2}
@@ -29,8 +30,8 @@ def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
 
 def msn_module(seed: int = 0) -> MSNModule:
     """An MSNModule whose anchor and target networks differ (so loading the wrong one shows)."""
-    torch.manual_seed(seed)
-    model = MSNModule(
+    model = tiny_module(
+        seed=seed,
         encoder=ENCODER,
         head=HEAD,
         num_prototypes=NUM_PROTOTYPES,

@@ -23,15 +23,29 @@ M = TypeVar("M", bound=MSNModule)
 TINY_ENCODER = {"arch": "vit_nano", "patch_size": 4, "img_size": 16, "in_chans": 1}
 
 
-def tiny_module(cls: type[M] = MSNModule, **kw: Any) -> M:
-    """``cls`` with a ViT-nano encoder, a 32-16 head, 10 prototypes, mask 0.3, seeded masks and init."""
-    torch.manual_seed(0)
-    kw = {"mask_ratio": 0.3, "mask_seed": 5, **kw}
-    return cls(encoder=TINY_ENCODER, head={"hidden_dim": 32, "out_dim": 16}, num_prototypes=10, **kw)
+def tiny_module(cls: type[M] = MSNModule, seed: int = 0, **kw: Any) -> M:
+    """``cls`` with a ViT-nano encoder on 16 px grey images, a 32-16 head, 10 prototypes, mask 0.3
+    and seeded masks, initialised from ``seed``; any of these (or other arguments) set by ``kw``."""
+    torch.manual_seed(seed)
+    kw = {
+        "encoder": TINY_ENCODER,
+        "head": {"hidden_dim": 32, "out_dim": 16},
+        "num_prototypes": 10,
+        "mask_ratio": 0.3,
+        "mask_seed": 5,
+        **kw,
+    }
+    return cls(**kw)
 
 
-def fit_steps(model: M, loader: DataLoader, steps: int, accelerator: str = "cpu", **trainer_kw: Any) -> M:
-    """``steps`` optimizer steps of ``model`` on ``loader`` with a quiet Lightning Trainer."""
+def fit_steps(
+    model: M,
+    data: DataLoader | L.LightningDataModule,
+    steps: int,
+    accelerator: str = "cpu",
+    **trainer_kw: Any,
+) -> M:
+    """``steps`` optimizer steps of ``model`` on ``data`` (a loader or a data module), quietly."""
     trainer = L.Trainer(
         max_steps=steps,
         max_epochs=1,
@@ -42,7 +56,10 @@ def fit_steps(model: M, loader: DataLoader, steps: int, accelerator: str = "cpu"
         enable_model_summary=False,
         **trainer_kw,
     )
-    trainer.fit(model, loader)
+    if isinstance(data, L.LightningDataModule):
+        trainer.fit(model, datamodule=data)
+    else:
+        trainer.fit(model, data)
     return model
 
 

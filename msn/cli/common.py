@@ -16,12 +16,17 @@ from msn.cli.console import quiet_lightning
 from msn.training.config import ConfigError, error_message
 
 
-def config_dir() -> Path:
-    """The Hydra configs: the copy installed inside the package (a wheel), else the checkout's
-    ``configs/`` (a source tree, or an editable install, whose package folder has no copy)."""
+def _config_dirs() -> tuple[Path, Path]:
+    """Where the configs can be: inside the package (a wheel, built from the checkout's
+    ``configs/`` as ``msn/configs``), and next to it (a source tree or an editable install)."""
     package = Path(__file__).resolve().parents[1]
-    installed = package / "configs"
-    return installed if installed.is_dir() else package.parent / "configs"
+    return package / "configs", package.parent / "configs"
+
+
+def config_dir() -> Path:
+    """The Hydra configs: the copy installed inside the package, else the checkout's ``configs/``."""
+    installed, checkout = _config_dirs()
+    return installed if installed.is_dir() else checkout
 
 
 CONFIG_DIR = config_dir()
@@ -55,7 +60,11 @@ def hydra_entry(
             sys.exit(1)
 
     if not CONFIG_DIR.is_dir():
-        sys.exit(f"error: config folder {CONFIG_DIR} not found (reinstall the package: pip install .)")
+        installed, checkout = _config_dirs()
+        sys.exit(
+            f"error: no config folder: neither {installed} (installed package) nor {checkout} "
+            "(source checkout) exists; reinstall the package (pip install .)"
+        )
     return _main
 
 

@@ -16,7 +16,6 @@ from msn.cli.extract import output_paths, run_extract
 from msn.data.folders import list_images
 from msn.data.transforms import eval_transform
 from msn.training.config import ConfigError
-from tests.artefacts import msn_module, save_lightning
 
 
 def _run(*overrides):
@@ -25,10 +24,9 @@ def _run(*overrides):
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, pretrained):
     root = tmp_path_factory.mktemp("extract")
-    model = msn_module(seed=30)
-    ckpt = save_lightning(model, root / "last.ckpt")
+    ckpt, model = pretrained
     images = root / "images"
     rng = np.random.default_rng(0)
     for rel in ("a/1.png", "a/2.jpg", "b/deep/3.PNG", "4.bmp", "b/5.png", "b/6.png", "7.png"):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-import lightning as L
 import pytest
 import torch
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
@@ -20,7 +19,7 @@ from msn.data.batched import (
     sample_crop_boxes,
 )
 from msn.data.resumable import batch_seed
-from msn.module import MSNModule
+from tests.helpers import fit_steps, tiny_module
 
 
 def test_crop_boxes_follow_torchvision_rule():
@@ -156,24 +155,10 @@ def test_datamodule_device_augmentation_trains(tmp_path):
         MSNDataModule(name="digits", in_chans=1, augment_on="gpu")
     with pytest.raises(ValueError, match="needs data.load_size"):
         MSNDataModule(name="imagefolder", root=str(tmp_path), augment_on="device")
-    torch.manual_seed(0)
-    model = MSNModule(
-        encoder=dict(arch="vit_nano", patch_size=4, img_size=16, in_chans=1),
-        head=dict(hidden_dim=32, out_dim=16),
-        num_prototypes=8,
-    )
+    model = tiny_module(num_prototypes=8, mask_ratio=0.15, mask_seed=None)
     before = model.prototypes.detach().clone()
-    trainer = L.Trainer(
-        max_steps=2,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
-    trainer.fit(model, datamodule=dm)
-    assert trainer.global_step == 2
+    fit_steps(model, dm, 2, default_root_dir=tmp_path)
+    assert model.global_step == 2
     assert not torch.equal(before, model.prototypes.detach())
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from msn.eval.lowshot import DEFAULT_SEEDS, lowshot_accuracy, lowshot_splits
-from tests.artefacts import msn_module, save_lightning
+from tests.artefacts import save_lightning
 
 
 def _script():
@@ -63,10 +63,10 @@ def test_per_class_kshot_agrees_with_the_lowshot_protocol():
     assert 0.0 < per_class.min() < per_class.max() <= 100.0  # noisy blobs: neither trivial nor empty
 
 
-def test_script_prints_both_tables_for_a_checkpoint(tmp_path, monkeypatch, capsys):
+def test_script_prints_both_tables_for_a_checkpoint(pretrained, monkeypatch, capsys):
     """End to end on the bundled digits with a tiny random checkpoint: both rows, every class."""
     geo = _script()
-    ckpt = save_lightning(msn_module(), tmp_path / "tiny.ckpt")
+    ckpt, _ = pretrained
     monkeypatch.setattr(sys, "argv", ["feature_geometry.py", str(ckpt), "--data", "digits", "--shots", "2"])
     geo.main()
     out = capsys.readouterr().out
@@ -78,9 +78,9 @@ def test_script_prints_both_tables_for_a_checkpoint(tmp_path, monkeypatch, capsy
     assert sum(line.startswith("| ") and line[2].isdigit() for line in out.splitlines()) == 10
 
 
-def test_too_many_shots_fail_before_the_encoder_runs(tmp_path, monkeypatch):
+def test_too_many_shots_fail_before_the_encoder_runs(pretrained, monkeypatch):
     geo = _script()
-    ckpt = save_lightning(msn_module(), tmp_path / "tiny.ckpt")
+    ckpt, _ = pretrained
 
     def no_encoder(*args, **kwargs):
         raise AssertionError("the encoder ran before k was checked")

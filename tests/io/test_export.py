@@ -20,9 +20,7 @@ from msn.training.config import ConfigError
 from tests.artefacts import (
     finetuned_checkpoint,
     hidden_states,
-    msn_module,
     official_dict,
-    save_lightning,
     timm_vit,
 )
 
@@ -34,12 +32,6 @@ TOL = {"atol": 1e-5, "rtol": 0}
 def _export(*overrides):
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return export(compose("export", overrides=list(overrides)))
-
-
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    model = msn_module(seed=20)
-    return save_lightning(model, tmp_path_factory.mktemp("pre") / "last.ckpt"), model
 
 
 @pytest.fixture(scope="module")
