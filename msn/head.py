@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections import OrderedDict
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -29,8 +31,11 @@ class ProjectionHead(nn.Sequential):
     """
 
     def __init__(self, in_dim: int, hidden_dim: int = 2048, out_dim: int = 256, use_bn: bool = True) -> None:
-        if min(in_dim, hidden_dim, out_dim) < 1:
-            raise ValueError(f"head dims must be >= 1, got in={in_dim} hidden={hidden_dim} out={out_dim}")
+        problems = ProjectionHead.problems(
+            in_dim=in_dim, hidden_dim=hidden_dim, out_dim=out_dim, use_bn=use_bn
+        )
+        if problems:
+            raise ValueError("; ".join(problems))
 
         def norm() -> nn.Module:
             return nn.BatchNorm1d(hidden_dim) if use_bn else nn.Identity()
@@ -48,10 +53,27 @@ class ProjectionHead(nn.Sequential):
         )
         init_like_official(self)
 
+    @staticmethod
+    def problems(**kwargs: Any) -> list[str]:
+        """Every problem of these constructor arguments (the missing ones take their defaults), named
+        as the ``model.head`` config keys; TypeError for an argument it does not take."""
+        given = inspect.signature(ProjectionHead).bind_partial(**kwargs)
+        given.apply_defaults()
+        dims = [(k, v) for k, v in given.arguments.items() if k.endswith("_dim")]
+        return [f"{k}={v!r} must be an integer >= 1" for k, v in dims if not (isinstance(v, int) and v >= 1)]
+
+
+def prototypes_problems(num_prototypes: Any) -> list[str]:
+    """What is wrong with a number of prototypes (the ``model.num_prototypes`` config key)."""
+    if isinstance(num_prototypes, int) and num_prototypes >= 1:
+        return []
+    return [f"num_prototypes={num_prototypes} must be an integer >= 1"]
+
 
 def init_prototypes(num_prototypes: int, dim: int, generator: torch.Generator | None = None) -> Tensor:
     """(K, dim) prototypes drawn from U(-1/sqrt(dim), 1/sqrt(dim)), the official init."""
-    if num_prototypes < 1:
-        raise ValueError(f"model.num_prototypes={num_prototypes} must be >= 1")
+    problems = prototypes_problems(num_prototypes)
+    if problems:
+        raise ValueError(problems[0])
     bound = 1.0 / math.sqrt(dim)
     return torch.empty(num_prototypes, dim).uniform_(-bound, bound, generator=generator)

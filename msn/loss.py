@@ -23,17 +23,28 @@ All three are L2-normalised, then
 
 from __future__ import annotations
 
+import inspect
 import math
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from msn.checks import is_number
 from msn.distributed import all_reduce_mean_with_grad, all_reduce_sum_, world_size
 
-__all__ = ["MSNLoss", "MSNLossOutput", "sharpen", "sinkhorn", "power_law_prior"]
+__all__ = [
+    "MSNLoss",
+    "MSNLossOutput",
+    "power_law_prior",
+    "prototype_logits",
+    "prototype_probs",
+    "sharpen",
+    "sinkhorn",
+]
 
 _PRIORS = (None, "power_law")
 # Smallest positive normal float32: clamping probabilities at this value only changes
@@ -72,6 +83,22 @@ class MSNLossOutput:
     anchor_probs_mean: Tensor
 
 
+def prototype_logits(z: Tensor, prototypes: Tensor, temperature: float) -> Tensor:
+    """``cos(z, prototypes) / tau``: ``(N, d)`` embeddings and ``(K, d)`` prototypes -> ``(N, K)``."""
+    return F.normalize(z, dim=1) @ F.normalize(prototypes, dim=1).t() / temperature
+
+
+def prototype_probs(z: Tensor, prototypes: Tensor, temperature: float) -> Tensor:
+    """Soft assignment ``softmax(cos(z, prototypes) / tau)`` of embeddings to prototypes, ``(N, K)``."""
+    return torch.softmax(prototype_logits(z, prototypes, temperature), dim=1)
+
+
+def _number_problems(name: str, value: Any, minimum: float, strict: bool) -> list[str]:
+    if is_number(value) and (value > minimum if strict else value >= minimum):
+        return []
+    return [f"{name}={value} must be a number {'>' if strict else '>='} {minimum:g}"]
+
+
 def sharpen(p: Tensor, temperature: float) -> Tensor:
     """Sharpen probabilities: ``p^(1/T) / sum_k p^(1/T)`` row-wise.
 
@@ -82,8 +109,9 @@ def sharpen(p: Tensor, temperature: float) -> Tensor:
     Returns:
         ``(N, K)`` sharpened probabilities, rows sum to 1.
     """
-    if temperature <= 0:
-        raise ValueError(f"sharpen temperature must be > 0, got {temperature}")
+    problems = _number_problems("sharpen temperature", temperature, 0, strict=True)
+    if problems:
+        raise ValueError(problems[0])
     # Evaluate in log space: p^(1/T) with small T can underflow every entry of a row in
     # float32, whereas softmax(log p / T) subtracts the row max first and stays finite.
     return torch.softmax(p.clamp_min(_TINY).log() / temperature, dim=-1)
@@ -179,24 +207,18 @@ class MSNLoss(nn.Module):
         power_law_exponent: float = 0.25,
     ) -> None:
         super().__init__()
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        if not sharpen_temperature > 0:
-            raise ValueError(f"sharpen_temperature must be > 0, got {sharpen_temperature}")
-        if not me_max_weight >= 0:
-            raise ValueError(f"me_max_weight must be >= 0, got {me_max_weight}")
-        if not entropy_weight >= 0:
-            raise ValueError(f"entropy_weight must be >= 0, got {entropy_weight}")
-        if isinstance(sinkhorn_iterations, bool) or int(sinkhorn_iterations) != sinkhorn_iterations:
-            raise ValueError(f"sinkhorn_iterations must be an integer, got {sinkhorn_iterations!r}")
-        if sinkhorn_iterations < 0:
-            raise ValueError(f"sinkhorn_iterations must be >= 0, got {sinkhorn_iterations}")
-        if not 0 <= label_smoothing < 1:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-        if prior not in _PRIORS:
-            raise ValueError(f"prior must be one of {_PRIORS}, got {prior!r}")
-        if prior == "power_law" and not power_law_exponent >= 0:
-            raise ValueError(f"power_law_exponent must be >= 0, got {power_law_exponent}")
+        problems = MSNLoss.problems(
+            temperature=temperature,
+            sharpen_temperature=sharpen_temperature,
+            me_max_weight=me_max_weight,
+            entropy_weight=entropy_weight,
+            sinkhorn_iterations=sinkhorn_iterations,
+            label_smoothing=label_smoothing,
+            prior=prior,
+            power_law_exponent=power_law_exponent,
+        )
+        if problems:
+            raise ValueError("; ".join(problems))
         self.temperature = float(temperature)
         self.sharpen_temperature = float(sharpen_temperature)
         self.me_max_weight = float(me_max_weight)
@@ -205,6 +227,30 @@ class MSNLoss(nn.Module):
         self.label_smoothing = float(label_smoothing)
         self.prior = prior
         self.power_law_exponent = float(power_law_exponent)
+
+    @staticmethod
+    def problems(**kwargs: Any) -> list[str]:
+        """Every problem of these constructor arguments (the missing ones take their defaults), named
+        as the ``model.loss`` config keys; TypeError for an argument it does not take."""
+        given = inspect.signature(MSNLoss).bind_partial(**kwargs)
+        given.apply_defaults()
+        a = given.arguments
+        problems = []
+        for name in ("temperature", "sharpen_temperature"):
+            problems += _number_problems(name, a[name], 0, strict=True)
+        for name in ("me_max_weight", "entropy_weight"):
+            problems += _number_problems(name, a[name], 0, strict=False)
+        iterations = a["sinkhorn_iterations"]
+        if not (is_number(iterations) and float(iterations).is_integer() and iterations >= 0):
+            problems.append(f"sinkhorn_iterations={iterations} must be an integer >= 0")
+        smoothing = a["label_smoothing"]
+        if not (is_number(smoothing) and 0 <= smoothing < 1):
+            problems.append(f"label_smoothing={smoothing} must be a number in [0, 1)")
+        if a["prior"] not in _PRIORS:
+            problems.append(f"prior={a['prior']!r} is unknown; allowed: null, power_law")
+        elif a["prior"] == "power_law":
+            problems += _number_problems("power_law_exponent", a["power_law_exponent"], 0, strict=False)
+        return problems
 
     def extra_repr(self) -> str:
         return (
@@ -260,8 +306,9 @@ class MSNLoss(nn.Module):
                 f"({num_targets}): anchors are expected as V views of each of the B target images"
             )
         sharpen_t = self.sharpen_temperature if sharpen_temperature is None else float(sharpen_temperature)
-        if not sharpen_t > 0:
-            raise ValueError(f"sharpen_temperature must be > 0, got {sharpen_t}")
+        problems = _number_problems("sharpen_temperature", sharpen_t, 0, strict=True)
+        if problems:
+            raise ValueError(problems[0])
 
         # Disable autocast: under bf16/fp16 autocast the matmuls below would silently run in
         # half precision again despite the .float() casts, changing softmax/log accuracy.
@@ -281,17 +328,15 @@ class MSNLoss(nn.Module):
     ) -> MSNLossOutput:
         num_views = anchors.shape[0] // targets.shape[0]
         num_protos = prototypes.shape[0]
-        protos = F.normalize(prototypes, dim=1)  # (K, d)
 
         # ---- targets: no gradient to the target encoder *nor* to the prototypes ----------
         with torch.no_grad():
-            target_logits = F.normalize(targets.detach(), dim=1) @ protos.detach().t() / self.temperature
-            p_t = self._smooth(torch.softmax(target_logits, dim=1))  # (B, K)
+            p_t = self._smooth(prototype_probs(targets.detach(), prototypes.detach(), self.temperature))
             t = sharpen(p_t, sharpen_t)
             t = sinkhorn(t, self.sinkhorn_iterations)  # (B, K)
 
         # ---- anchors ---------------------------------------------------------------------
-        anchor_logits = F.normalize(anchors, dim=1) @ protos.t() / self.temperature  # (B*V, K)
+        anchor_logits = prototype_logits(anchors, prototypes, self.temperature)  # (B*V, K)
         if self.label_smoothing == 0:
             log_p_a = torch.log_softmax(anchor_logits, dim=1)
             p_a = log_p_a.exp()

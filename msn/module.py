@@ -21,15 +21,18 @@ from torch import Tensor, nn
 from torch.distributed.fsdp import FullyShardedDataParallel
 
 from msn import backbone, distributed
+from msn.backbone.vit import features_problems, vit_problems
+from msn.checks import is_int, is_number
 from msn.ema import ema_update_
-from msn.head import ProjectionHead, init_prototypes
-from msn.loss import MSNLoss
-from msn.masking import MASK_MODES, num_kept, sample_keep_indices, seeded_keep_indices
+from msn.head import ProjectionHead, init_prototypes, prototypes_problems
+from msn.loss import MSNLoss, prototype_probs
+from msn.masking import keep_indices, mask_generator, mask_problems, num_kept
 from msn.schedules import linear_at, lr_at, wd_at
 
 DEFAULT_ENCODER: dict[str, Any] = {"arch": "vit_small", "patch_size": 16, "img_size": 224, "in_chans": 3}
 # Every keyword of build_vit is a valid model.encoder key (defaults come from build_vit itself).
 _BUILD_VIT_ARGS = tuple(inspect.signature(backbone.build_vit).parameters)
+_LOSS_ARGS = tuple(inspect.signature(MSNLoss).parameters)
 DEFAULT_HEAD: dict[str, Any] = {"hidden_dim": 2048, "out_dim": 256, "use_bn": True}
 DEFAULT_OPTIM: dict[str, Any] = {
     "start_lr": 2e-4,
@@ -45,19 +48,19 @@ DEFAULT_OPTIM: dict[str, Any] = {
 }
 
 
-def _merged(
-    defaults: Mapping[str, Any],
-    given: Mapping[str, Any] | None,
-    what: str,
-    allowed: Sequence[str] | None = None,
-) -> dict[str, Any]:
-    """``defaults`` updated by ``given``; keys outside ``allowed`` (default: the defaults' keys) fail."""
-    given = dict(given or {})
-    allowed = sorted(allowed if allowed is not None else defaults)
-    unknown = set(given) - set(allowed)
+def _node_problems(key: str, given: Any, defaults: Mapping, allowed: Sequence[str], check: Any) -> list[str]:
+    """The keys of sub-node ``key`` outside ``allowed``, else what ``check`` finds in it over ``defaults``."""
+    unknown = sorted(set(given or {}) - set(allowed))
     if unknown:
-        raise ValueError(f"unknown keys in model.{what}: {sorted(unknown)}; allowed: {allowed}")
-    return {**defaults, **given}
+        return [f"{key}: unknown keys {unknown}; allowed: {sorted(allowed)}"]
+    return [f"{key}.{p}" for p in check(**{**defaults, **(given or {})})]
+
+
+def _optim_problems(**optim: Any) -> list[str]:
+    # clip_grad null disables clipping, as 0 does.
+    rates = ("start_lr", "ref_lr", "final_lr") + (("clip_grad",) if optim["clip_grad"] is not None else ())
+    bad = [k for k in rates if not (is_number(optim[k]) and optim[k] >= 0)]
+    return [f"{k}={optim[k]} must be a number >= 0" for k in bad]
 
 
 # Prefixes that wrappers (FSDP units, activation checkpointing, torch.compile) add to parameter names.
@@ -93,24 +96,20 @@ class MSNModule(L.LightningModule):
         prototypes_grad: ``sum`` (official: prototype gradients summed over ranks) or ``mean``
             (what DDP does by itself).
         features: which token :meth:`features` returns for evaluation (``cls_prenorm`` official).
-        mask_seed: ``None`` (default): masks are drawn from the global random state, as the
-            official code does. An integer: masks are a pure function of (seed, step, batch)
-            (:func:`msn.masking.seeded_keep_indices`), so a resumed run redraws the same ones.
-            Either way, in ``shared`` mode every rank drops the same patches (the official
-            processes are seeded alike, and so are Lightning's); with ``mask_mode=per_sample``
-            and a seed, W processes with B images draw exactly the masks of one process with
-            W*B images.
+        mask_seed: ``None`` (default): masks come from the global random state, as in the official
+            code. An integer: from :func:`msn.masking.mask_generator` keyed by (seed, step,
+            micro-batch, view group), so a resumed run redraws the same ones and W processes with B
+            images draw the ``per_sample`` masks of one with W*B. ``shared``: every rank alike.
         packed_views: encode the masked anchor views and all focal views in ONE encoder pass,
             tokens concatenated, attention kept inside each view
             (:func:`msn.backbone.encode_packed`): ``true``/``"segments"`` (attention per crop
             size, no wasted pairs) or ``"mask"`` (one sequence per image, block-diagonal mask);
             default ``false``: one call per crop size (official). Same result up to rounding.
-        compile: ``torch.compile`` the encoder forwards (``True`` = inductor, or a backend name
-            such as ``"aot_eager"``). Shapes are static (fixed keep counts), so each crop size
-            compiles once.
-        sync_bn: with more than one process, the heads' BatchNorm uses the statistics of the
-            global batch (:class:`msn.distributed.SyncBatchNorm1d`, GPUs and CPUs alike), as the
-            official code's SyncBatchNorm. No effect in a single process.
+        compile: ``torch.compile`` the encoder forwards (``True`` = inductor, or a backend name such
+            as ``"aot_eager"``). Shapes are static (fixed keep counts): each crop size compiles once.
+        sync_bn: with several processes the heads' BatchNorm uses the statistics of the global batch
+            (:class:`msn.distributed.SyncBatchNorm1d`, GPUs and CPUs alike), as the official code's
+            SyncBatchNorm. No effect in a single process.
     """
 
     def __init__(
@@ -134,30 +133,13 @@ class MSNModule(L.LightningModule):
         sync_bn: bool = True,
     ) -> None:
         super().__init__()
-        encoder_cfg = _merged(DEFAULT_ENCODER, encoder, "encoder", allowed=_BUILD_VIT_ARGS)
-        head_cfg = _merged(DEFAULT_HEAD, head, "head")
-        self.optim_cfg = _merged(DEFAULT_OPTIM, optim, "optim")
-        if not 0.0 <= mask_ratio < 1.0:
-            raise ValueError(f"model.mask_ratio={mask_ratio} must be in [0, 1)")
-        if mask_mode not in MASK_MODES:
-            raise ValueError(f"model.mask_mode={mask_mode!r} is unknown; allowed: {', '.join(MASK_MODES)}")
-        if prototypes_grad not in ("sum", "mean"):
-            raise ValueError(f"model.prototypes_grad={prototypes_grad!r}; allowed: sum, mean")
-        if rand_views < 1:
-            raise ValueError(f"model.rand_views={rand_views} must be >= 1")
-        if features not in backbone.FEATURE_KINDS:
-            allowed = ", ".join(backbone.FEATURE_KINDS)
-            raise ValueError(f"model.features={features!r} is unknown; allowed: {allowed}")
-        if mask_seed is not None and (
-            isinstance(mask_seed, bool) or not isinstance(mask_seed, int) or mask_seed < 0
-        ):
-            raise ValueError(f"model.mask_seed={mask_seed!r} must be null or an integer >= 0")
-        if not (isinstance(packed_views, bool) or packed_views in backbone.PACKED_ATTENTION):
-            allowed = ", ".join(map(str, (False, True, *backbone.PACKED_ATTENTION)))
-            raise ValueError(f"model.packed_views={packed_views!r} is unknown; allowed: {allowed}")
-        if not isinstance(compile, (bool, str)) or compile == "":
-            raise ValueError(f"model.compile={compile!r} must be true, false or a torch.compile backend name")
         self.save_hyperparameters()
+        problems = MSNModule.problems(**self.hparams)
+        if problems:
+            raise ValueError("; ".join(f"model.{p}" for p in problems))
+        encoder_cfg = {**DEFAULT_ENCODER, **(encoder or {})}
+        head_cfg = {**DEFAULT_HEAD, **(head or {})}
+        self.optim_cfg = {**DEFAULT_OPTIM, **(optim or {})}
 
         self.encoder = backbone.build_vit(**encoder_cfg)
         self.head = ProjectionHead(self.encoder.embed_dim, **head_cfg)
@@ -190,6 +172,34 @@ class MSNModule(L.LightningModule):
         self._param_ndim = {name: p.ndim for name, p in self.named_parameters()}
         self._momentum = self.ema_range[0]
         self._last_batch_time: float | None = None
+
+    @staticmethod
+    def problems(**kwargs: Any) -> list[str]:
+        """Every problem of these arguments (defaults for the missing ones), keys relative to ``model``."""
+        given = inspect.signature(MSNModule).bind_partial(**kwargs)
+        given.apply_defaults()
+        a = given.arguments
+        problems = _node_problems("encoder", a["encoder"], DEFAULT_ENCODER, _BUILD_VIT_ARGS, vit_problems)
+        problems += _node_problems("head", a["head"], DEFAULT_HEAD, [*DEFAULT_HEAD], ProjectionHead.problems)
+        problems += _node_problems("loss", a["loss"], {}, _LOSS_ARGS, MSNLoss.problems)
+        problems += _node_problems("optim", a["optim"], DEFAULT_OPTIM, [*DEFAULT_OPTIM], _optim_problems)
+        problems += prototypes_problems(a["num_prototypes"]) + mask_problems(a["mask_ratio"], a["mask_mode"])
+        ema, seed, packed, backend = a["ema"], a["mask_seed"], a["packed_views"], a["compile"]
+        if not (is_int(a["rand_views"]) and a["rand_views"] >= 1):
+            problems.append(f"rand_views={a['rand_views']} must be an integer >= 1")
+        momentums = isinstance(ema, Sequence) and len(ema) == 2 and all(is_number(m) for m in ema)
+        if not (momentums and all(0 <= m <= 1 for m in ema)):
+            problems.append(f"ema={ema!r} must be [start, end] momentums in [0, 1]")
+        if a["prototypes_grad"] not in ("sum", "mean"):
+            problems.append(f"prototypes_grad={a['prototypes_grad']!r} is unknown; allowed: sum, mean")
+        if not (seed is None or (is_int(seed) and seed >= 0)):
+            problems.append(f"mask_seed={seed!r} must be null or an integer >= 0")
+        if not (isinstance(packed, bool) or packed in backbone.PACKED_ATTENTION):
+            allowed = ", ".join(map(str, (False, True, *backbone.PACKED_ATTENTION)))
+            problems.append(f"packed_views={packed!r} is unknown; allowed: {allowed}")
+        if not isinstance(backend, (bool, str)) or backend == "":
+            problems.append(f"compile={backend!r} must be true, false or a torch.compile backend name")
+        return problems + features_problems(a["features"])
 
     # ------------------------------------------------------------------ schedules
     @property
@@ -269,23 +279,14 @@ class MSNModule(L.LightningModule):
         if mask_ratio <= 0:
             return None
         n = backbone.num_patches(self.encoder, *images.shape[-2:])
-        keep = num_kept(n, mask_ratio)
-        if self.mask_seed is None:
-            # The global random state, the very draw encode() itself would make.
-            return sample_keep_indices(images.shape[0], n, keep, self.mask_mode, images.device)
+        # mode, patches, kept, views, images per view: the same draw whichever generator feeds it.
+        draw = (self.mask_mode, n, num_kept(n, mask_ratio), images.shape[0] // batch_size, batch_size)
+        if self.mask_seed is None:  # the global random state: the very draw encode() itself makes
+            return keep_indices(*draw, device=images.device)
         # Keyed by the optimizer step (restored exactly on resume) and the micro-batch inside it.
         micro = self._batch_idx % self.trainer.accumulate_grad_batches if self._trainer is not None else 0
-        idx = seeded_keep_indices(
-            self.mask_seed,
-            (self.global_step, micro, group),
-            images.shape[0] // batch_size,
-            batch_size,
-            n,
-            keep,
-            self.mask_mode,
-            distributed.rank(),
-            distributed.world_size(),
-        )
+        generator = mask_generator(self.mask_seed, self.mask_mode, (self.global_step, micro, group))
+        idx = keep_indices(*draw, distributed.rank(), distributed.world_size(), generator=generator)
         return idx.to(images.device, non_blocking=True)
 
     def anchor_projections(self, anchor_views: Sequence[Tensor]) -> Tensor:
@@ -333,9 +334,7 @@ class MSNModule(L.LightningModule):
         Uses the modules' current mode (call ``.eval()`` for running BatchNorm statistics).
         """
         _, h = backbone.encode(self.target_encoder, images)
-        z = torch.nn.functional.normalize(self.target_head(h), dim=1)
-        protos = torch.nn.functional.normalize(self.prototypes, dim=1)
-        return torch.softmax(z @ protos.T / self.criterion.temperature, dim=1)
+        return prototype_probs(self.target_head(h), self.prototypes, self.criterion.temperature)
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: tuple[list[Tensor], Tensor], batch_idx: int) -> Tensor:

@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from msn.distributed import all_reduce_mean_with_grad, all_reduce_sum_, is_distributed, world_size
-from msn.loss import MSNLoss, MSNLossOutput, sharpen, sinkhorn
+from msn.loss import MSNLoss, MSNLossOutput, prototype_logits, prototype_probs, sharpen, sinkhorn
 
 # --------------------------------------------------------------------------------------
 # Independent float64 reference
@@ -281,6 +281,17 @@ def test_sharpen_temperature_override() -> None:
         MSNLoss()(anchors, targets, protos, sharpen_temperature=0.0)
 
 
+def test_prototype_probs_is_the_softmax_of_cosine_similarity_over_temperature() -> None:
+    g = torch.Generator().manual_seed(21)
+    z = torch.randn(5, 8, generator=g, dtype=torch.float64)
+    protos = torch.randn(7, 8, generator=g, dtype=torch.float64)
+    expected = _ref_softmax(_ref_normalize(z) @ _ref_normalize(protos).T / 0.1)
+    _close(prototype_probs(z, protos, 0.1), expected, tol=1e-12)
+    _close(torch.softmax(prototype_logits(z, protos, 0.1), dim=1), expected, tol=1e-12)
+    # Scale-free in both arguments: only directions count.
+    _close(prototype_probs(3.0 * z, 0.5 * protos, 0.1), expected, tol=1e-12)
+
+
 # --------------------------------------------------------------------------------------
 # sharpen / sinkhorn
 # --------------------------------------------------------------------------------------
@@ -377,6 +388,24 @@ def test_me_max_nonnegative_and_zero_for_uniform_predictions() -> None:
 def test_bad_constructor_args_raise(kwargs: dict) -> None:
     with pytest.raises(ValueError):
         MSNLoss(**kwargs)
+
+
+def test_problems_name_every_bad_argument_at_once() -> None:
+    # Keys as in the model.loss config node; validate_config reports them before anything is built.
+    assert MSNLoss.problems(temperature=0, sinkhorn_iterations=1.5, prior="uniform") == [
+        "temperature=0 must be a number > 0",
+        "sinkhorn_iterations=1.5 must be an integer >= 0",
+        "prior='uniform' is unknown; allowed: null, power_law",
+    ]
+    assert MSNLoss.problems(prior="power_law", power_law_exponent=-1) == [
+        "power_law_exponent=-1 must be a number >= 0"
+    ]
+    assert MSNLoss.problems() == [] and MSNLoss.problems(sinkhorn_iterations=3.0) == []
+    assert MSNLoss.problems(temperature="abc") == ["temperature=abc must be a number > 0"]
+    with pytest.raises(ValueError, match=r"^temperature=0 must be a number > 0; me_max_weight=-1 must be"):
+        MSNLoss(temperature=0, me_max_weight=-1)
+    with pytest.raises(TypeError):
+        MSNLoss.problems(temprature=0.1)
 
 
 def test_bad_shapes_raise() -> None:

@@ -3,7 +3,16 @@ import math
 import pytest
 import torch
 
-from msn.masking import apply_keep_indices, num_kept, sample_keep_indices
+from msn.masking import (
+    MASK_MODES,
+    apply_keep_indices,
+    keep_indices,
+    mask_generator,
+    mask_problems,
+    num_kept,
+    sample_keep_indices,
+    seeded_keep_indices,
+)
 
 
 @pytest.mark.parametrize("n", [4, 9, 16, 49, 196])
@@ -59,3 +68,35 @@ def test_apply_keeps_class_token_and_selected_patches(mode):
         # brute force: pick each kept patch by hand (patch j is token j + 1)
         expected = torch.stack([tokens[i, 1 + j] for j in rows.tolist()])
         assert torch.equal(out[i, 1:], expected)
+
+
+def test_mask_problems_name_the_model_keys():
+    assert mask_problems(0.3, "shared") == [] and MASK_MODES == ("shared", "per_sample")
+    assert mask_problems(1.0, "blocks") == [
+        "mask_ratio=1.0 must be a number in [0, 1)",
+        "mask_mode='blocks' is unknown; allowed: shared, per_sample",
+    ]
+    with pytest.raises(ValueError, match="mask_mode='blocks'"):
+        mask_generator(0, "blocks", (1,))
+
+
+@pytest.mark.parametrize("mode", ["shared", "per_sample"])
+def test_global_and_seeded_draws_are_one_sampler_fed_by_another_generator(mode):
+    # Seeded: the sampler of the global-state draw, fed by the generator of (seed, mode, key).
+    seeded = seeded_keep_indices(7, (3, 0, 1), 2, 4, 16, 9, mode)
+    assert torch.equal(seeded, keep_indices(mode, 16, 9, 2, 4, generator=mask_generator(7, mode, (3, 0, 1))))
+    # Global state: V views of B images draw what one view of V*B images draws, call for call.
+    torch.manual_seed(5)
+    grouped = keep_indices(mode, 16, 9, views=2, batch_size=4)
+    torch.manual_seed(5)
+    assert torch.equal(grouped, sample_keep_indices(8, 16, 9, mode))
+    assert grouped.shape == ((9,) if mode == "shared" else (8, 9))
+
+
+def test_per_sample_ranks_slice_the_draw_of_the_global_batch():
+    whole = keep_indices("per_sample", 9, 5, 2, 6, generator=torch.Generator().manual_seed(1)).view(2, 6, 5)
+    for rank in range(3):
+        local = keep_indices("per_sample", 9, 5, 2, 2, rank, 3, generator=torch.Generator().manual_seed(1))
+        assert torch.equal(local.view(2, 2, 5), whole[:, rank::3])
+    with pytest.raises(ValueError, match=r"rank=3 must be in \[0, 3\)"):
+        keep_indices("per_sample", 9, 5, rank=3, world_size=3)

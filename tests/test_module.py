@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from msn import backbone
+from msn.loss import prototype_probs
 from msn.module import MSNModule
 from msn.schedules import linear_at
 
@@ -128,9 +129,9 @@ def test_clipping_covers_encoder_and_head_not_prototypes():
         ({"mask_ratio": 1.0}, "mask_ratio"),
         ({"mask_mode": "block"}, "mask_mode"),
         ({"num_prototypes": 0}, "num_prototypes"),
-        ({"optim": {"lr": 1}}, "unknown keys in model.optim"),
+        ({"optim": {"lr": 1}}, "model.optim: unknown keys"),
         ({"prototypes_grad": "max"}, "prototypes_grad"),
-        ({"encoder": {"arch": "vit_nano", "patch": 4}}, "unknown keys in model.encoder: \\['patch'\\]"),
+        ({"encoder": {"arch": "vit_nano", "patch": 4}}, "model.encoder: unknown keys \\['patch'\\]"),
     ],
 )
 def test_bad_arguments(kwargs, match):
@@ -141,6 +142,46 @@ def test_bad_arguments(kwargs, match):
     }
     with pytest.raises(ValueError, match=match):
         MSNModule(**{**base, **kwargs})
+
+
+def test_problems_of_the_model_node_come_from_their_owners_at_once():
+    # Keys relative to the model node: validate_config prefixes "model.", the constructor too.
+    assert MSNModule.problems() == []
+    assert MSNModule.problems(
+        encoder={"arch": "vit_gigantic"},
+        head={"out_dim": 0},
+        loss={"temperature": 0},
+        optim={"ref_lr": -1},
+        num_prototypes=0,
+        mask_ratio=2,
+        ema=[0.9, 1.5],
+        features="pixels",
+    ) == [
+        "encoder.arch='vit_gigantic' is unknown; allowed: vit_nano, vit_micro, vit_tiny, vit_small, "
+        "vit_base, vit_large, vit_huge",  # msn.backbone.vit
+        "head.out_dim=0 must be an integer >= 1",  # msn.head.ProjectionHead
+        "loss.temperature=0 must be a number > 0",  # msn.loss.MSNLoss
+        "optim.ref_lr=-1 must be a number >= 0",
+        "num_prototypes=0 must be an integer >= 1",  # msn.head
+        "mask_ratio=2 must be a number in [0, 1)",  # msn.masking
+        "ema=[0.9, 1.5] must be [start, end] momentums in [0, 1]",
+        "features='pixels' is unknown; allowed: cls_prenorm, cls, avgpool, last4",  # msn.backbone.vit
+    ]
+    assert MSNModule.problems(optim={"clip_grad": None}) == []  # null disables clipping, as 0 does
+    assert MSNModule.problems(encoder={"patch_size": 5}, mask_mode="blocks", prototypes_grad="max") == [
+        "encoder.patch_size=5 is not supported; allowed: (2, 4, 7, 8, 14, 16)",
+        "mask_mode='blocks' is unknown; allowed: shared, per_sample",
+        "prototypes_grad='max' is unknown; allowed: sum, mean",
+    ]
+    assert MSNModule.problems(encoder={"img_size": 8}, loss={"sharpen_temperature": -1}) == [
+        "encoder.img_size=8 is smaller than one patch (patch_size=16)",
+        "loss.sharpen_temperature=-1 must be a number > 0",
+    ]
+    both = r"^model\.mask_seed=-1 must be null or an integer >= 0; model\.compile=''"
+    with pytest.raises(ValueError, match=both):
+        MSNModule(mask_seed=-1, compile="")
+    with pytest.raises(TypeError):
+        MSNModule.problems(mask_ratios=0.1)
 
 
 def test_prototype_probs_are_target_assignments():
@@ -156,3 +197,5 @@ def test_prototype_probs_are_target_assignments():
         [torch.nn.functional.cosine_similarity(z, p.expand_as(z), dim=1) for p in model.prototypes], 1
     )
     torch.testing.assert_close(probs, torch.softmax(cos / 0.1, dim=1), rtol=1e-5, atol=1e-6)
+    # the very function the loss builds its targets from
+    assert torch.equal(probs, prototype_probs(z, model.prototypes, model.criterion.temperature))

@@ -9,15 +9,17 @@ patch tokens is dropped from the anchor view before the transformer blocks run.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from msn.masking import apply_keep_indices, num_kept, sample_keep_indices
+from msn.masking import apply_keep_indices, keep_indices, num_kept
 
 
 @dataclass(frozen=True)
@@ -59,19 +61,22 @@ def build_vit(
     ``embed_dim``/``depth``/``num_heads`` override the registry entry of ``arch`` (for sweeps of
     custom widths). The patch embedding accepts any image size divisible by the patch size.
     """
-    if arch not in VIT_SIZES:
-        raise ValueError(f"model.arch={arch!r} is unknown; allowed: {', '.join(VIT_SIZES)}")
-    if patch_size not in PATCH_SIZES:
-        raise ValueError(f"model.patch_size={patch_size} is not supported; allowed: {PATCH_SIZES}")
-    if img_size < patch_size:
-        raise ValueError(
-            f"model.img_size={img_size} is smaller than one patch (model.patch_size={patch_size})"
-        )
+    problems = vit_problems(
+        arch=arch,
+        patch_size=patch_size,
+        img_size=img_size,
+        in_chans=in_chans,
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=num_heads,
+        mlp_ratio=mlp_ratio,
+        drop_path_rate=drop_path_rate,
+    )
+    if problems:
+        raise ValueError("; ".join(problems))
     size = VIT_SIZES[arch]
     embed_dim = embed_dim or size.embed_dim
     num_heads = num_heads or size.num_heads
-    if embed_dim % num_heads:
-        raise ValueError(f"model.embed_dim={embed_dim} must be divisible by model.num_heads={num_heads}")
     vit = VisionTransformer(
         img_size=img_size,
         patch_size=patch_size,
@@ -96,6 +101,28 @@ def build_vit(
     # embedding accept any multiple of the patch size; we resample the table ourselves.
     vit.patch_embed.strict_img_size = False
     return vit
+
+
+def vit_problems(**kwargs: Any) -> list[str]:
+    """Every problem of these :func:`build_vit` arguments (the missing ones take their defaults),
+    named as the ``model.encoder`` config keys; TypeError for an argument it does not take."""
+    given = inspect.signature(build_vit).bind_partial(**kwargs)
+    given.apply_defaults()
+    arch, patch, img = (given.arguments[k] for k in ("arch", "patch_size", "img_size"))
+    problems = []
+    known = isinstance(arch, str) and arch in VIT_SIZES
+    if not known:
+        problems.append(f"arch={arch!r} is unknown; allowed: {', '.join(VIT_SIZES)}")
+    if patch not in PATCH_SIZES:
+        problems.append(f"patch_size={patch} is not supported; allowed: {PATCH_SIZES}")
+    elif not (isinstance(img, int) and img >= patch):
+        problems.append(f"img_size={img} is smaller than one patch (patch_size={patch})")
+    if known:
+        dim = given.arguments["embed_dim"] or VIT_SIZES[arch].embed_dim
+        heads = given.arguments["num_heads"] or VIT_SIZES[arch].num_heads
+        if not (isinstance(dim, int) and isinstance(heads, int) and heads > 0 and dim % heads == 0):
+            problems.append(f"embed_dim={dim} must be divisible by num_heads={heads}")
+    return problems
 
 
 def grid_size(vit: VisionTransformer) -> tuple[int, int]:
@@ -179,7 +206,9 @@ def encode(
         x = apply_keep_indices(x, keep_idx.to(x.device))
     elif mask_ratio > 0:
         n = x.shape[1] - 1
-        keep = sample_keep_indices(x.shape[0], n, num_kept(n, mask_ratio), mask_mode, x.device, generator)
+        keep = keep_indices(
+            mask_mode, n, num_kept(n, mask_ratio), batch_size=x.shape[0], device=x.device, generator=generator
+        )
         x = apply_keep_indices(x, keep)
     x = forward_tokens(vit, x)
     cls_prenorm = x[:, 0]
@@ -195,6 +224,13 @@ def num_patches(vit: VisionTransformer, height: int, width: int) -> int:
 FEATURE_KINDS = ("cls_prenorm", "cls", "avgpool", "last4")
 
 
+def features_problems(features: Any) -> list[str]:
+    """What is wrong with a feature kind of :func:`extract` (the ``features`` config keys)."""
+    if isinstance(features, str) and features in FEATURE_KINDS:
+        return []
+    return [f"features={features!r} is unknown; allowed: {', '.join(FEATURE_KINDS)}"]
+
+
 def extract(vit: VisionTransformer, images: Tensor, features: str = "cls_prenorm") -> Tensor:
     """Frozen features for evaluation (no masking), (B, D) or (B, 4 D) for ``last4``.
 
@@ -204,8 +240,9 @@ def extract(vit: VisionTransformer, images: Tensor, features: str = "cls_prenorm
     concatenated (the DINO linear-evaluation features; earlier blocks keep more low-level detail,
     which helps small models and low-resolution images).
     """
-    if features not in FEATURE_KINDS:
-        raise ValueError(f"features={features!r} is unknown; allowed: {', '.join(FEATURE_KINDS)}")
+    problems = features_problems(features)
+    if problems:
+        raise ValueError(problems[0])
     x = vit.norm_pre(embed_tokens(vit, images))
     if features == "last4":
         if len(vit.blocks) < 4:

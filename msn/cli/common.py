@@ -12,8 +12,8 @@ import torch
 from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
+from msn.checks import ConfigError, error_message
 from msn.cli.console import quiet_lightning
-from msn.training.config import ConfigError, error_message
 
 
 def _config_dirs() -> tuple[Path, Path]:

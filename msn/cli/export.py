@@ -9,13 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from msn.cli.common import hydra_entry
 from omegaconf import DictConfig
 
+from msn.checks import ConfigError
+from msn.cli.common import hydra_entry
 from msn.io.export import official_checkpoint, save_hf, save_timm
-from msn.io.formats import ENCODERS, read_checkpoint
+from msn.io.formats import encoder_problems, read_checkpoint
 from msn.io.load import build_encoder, data_stats
-from msn.training.config import ConfigError
 
 EXPORT_FORMATS = ("hf", "timm", "official")
 
@@ -25,8 +25,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     problems = []
     if cfg.format not in EXPORT_FORMATS:
         problems.append(f"format={cfg.format!r} is unknown; allowed: {', '.join(EXPORT_FORMATS)}")
-    if cfg.encoder is not None and cfg.encoder not in ENCODERS:
-        problems.append(f"encoder={cfg.encoder!r} is unknown; allowed: {', '.join(ENCODERS)} or null")
+    problems += encoder_problems(cfg.encoder)
     if cfg.out in (None, "", "???"):
         problems.append("out=DIR is required (the folder, or for format=official a .pth.tar file)")
     if problems:

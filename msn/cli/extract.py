@@ -27,12 +27,12 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from msn.backbone import FEATURE_KINDS, extract
+from msn.backbone import extract, features_problems
+from msn.checks import ConfigError
 from msn.cli.common import hydra_entry, resolve_device
 from msn.data.folders import IMAGE_EXTENSIONS, BadImageError, list_images, load_image
 from msn.data.transforms import eval_transform, image_mode
-from msn.io import ENCODERS, build_encoder, data_stats, read_checkpoint
-from msn.training.config import ConfigError
+from msn.io import build_encoder, data_stats, encoder_problems, read_checkpoint
 
 
 class ImageFiles(Dataset):
@@ -102,10 +102,8 @@ def run_extract(cfg: DictConfig) -> dict[str, Any]:
     folder = Path(str(cfg.input)).expanduser()
     if not folder.is_dir():
         problems.append(f"input={str(cfg.input)!r} is not an existing folder")
-    if cfg.features not in FEATURE_KINDS:
-        problems.append(f"features={cfg.features!r} is unknown; allowed: {', '.join(FEATURE_KINDS)}")
-    if cfg.encoder is not None and cfg.encoder not in ENCODERS:
-        problems.append(f"encoder={cfg.encoder!r} is unknown; allowed: {', '.join(ENCODERS)} or null")
+    problems += features_problems(cfg.features)
+    problems += encoder_problems(cfg.encoder)
     if not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
         problems.append(f"batch_size={cfg.batch_size} must be an integer >= 1")
     if problems:

@@ -27,13 +27,14 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
+from msn.checks import ConfigError
 from msn.cli.common import BAD_CONFIG, hydra_entry
 from msn.cli.console import progress_bar, quiet_lightning
 from msn.data.folders import BadImageError, bad_image_summary
-from msn.eval.reports import MSN_ROW, lowshot_from_config
+from msn.eval.reports import MSN_ROW, EvalRun, build_evaluation
 from msn.io.load import init_msn_module
 from msn.training.checkpointing import CheckpointWriteError, ResumeCheckpoint
-from msn.training.config import ConfigError, validate_config, writable_problem
+from msn.training.config import validate_config, writable_problem
 from msn.training.guards import PreemptionHandler, TrainingAborted
 from msn.training.resume import (
     RunRecord,
@@ -107,15 +108,25 @@ def recipe_summary(cfg: DictConfig, model: Any, world_size: int) -> str:
 
 
 def run_lowshot(model: Any, datamodule: Any, cfg: DictConfig, output_dir: Path) -> str | None:
-    """Low-shot table of the trained target encoder; None when the data has no labels."""
+    """Low-shot table of the trained target encoder (the evaluation of ``cfg.lowshot``, as
+    ``finetune.py mode=lowshot`` runs it); None when the data has no labels."""
+    lowshot = build_evaluation("lowshot", cfg.lowshot)
     try:
         train_ds, test_ds = datamodule.eval_datasets()
     except ValueError as err:  # unlabeled data: nothing to evaluate, not an error
         log.info("skipping low-shot evaluation: %s", err)
         return None
-    return lowshot_from_config(
-        model, train_ds, test_ds, cfg.lowshot, dataset=cfg.data.name, seed=cfg.seed, output_dir=output_dir
+    run = EvalRun(
+        train_ds=train_ds,
+        test_ds=test_ds,
+        dataset=cfg.data.name,
+        output_dir=output_dir,
+        seed=cfg.seed,
+        device=model.device,
+        datamodule=datamodule,
+        preloaded=model,
     )
+    return lowshot(run)
 
 
 def objective_value(lowshot: dict[str, Any], column: str) -> float:

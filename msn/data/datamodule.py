@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import inspect
-import numbers
 import os
 import signal
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import lightning as L
 import torch
@@ -24,8 +24,12 @@ from msn.data.transforms import (
     ConvertMode,
     MultiViewTransform,
     _resolve_mean_std,
+    crop_pct_problems,
     eval_transform,
     image_mode,
+    int_problems,
+    is_int,
+    mean_std_problems,
 )
 
 __all__ = ["AUGMENT_ON", "MSNDataModule"]
@@ -45,6 +49,31 @@ def _worker_init(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if os.environ.get("PL_SEED_WORKERS") == "1":  # what Lightning adds when no init function is given
         pl_worker_init_function(worker_id)
+
+
+def _transform_arguments(transform: Mapping | None, in_chans: Any, mean: Any, std: Any) -> dict[str, Any]:
+    """The MultiViewTransform keywords of a ``data.transform`` mapping, with the data module's
+    channels and normalisation where it names none."""
+    kwargs = {str(k): v for k, v in (transform or {}).items() if k != "_target_"}
+    return {"in_chans": in_chans, "mean": mean, "std": std, **kwargs}
+
+
+def _transform_problems(transform: Any, in_chans: Any, mean: Any, std: Any) -> list[str]:
+    """What is wrong with ``data.transform`` (named relative to ``data``) for these channels."""
+    if not (transform is None or isinstance(transform, (Mapping, MultiViewTransform))):
+        return [
+            "transform must be a MultiViewTransform, a mapping of its arguments or null, "
+            f"got {type(transform).__name__}"
+        ]
+    ready = isinstance(transform, MultiViewTransform)
+    kwargs = {} if ready else _transform_arguments(transform, in_chans, mean, std)
+    given = transform.in_chans if ready else kwargs["in_chans"]
+    if given != in_chans:
+        return [f"transform.in_chans ({given}) differs from in_chans ({in_chans})"]
+    try:
+        return [] if ready else [f"transform.{p}" for p in MultiViewTransform.problems(**kwargs)]
+    except TypeError as e:  # a key it does not take
+        return [f"transform: {e}; allowed keys: {list(inspect.signature(MultiViewTransform).parameters)}"]
 
 
 class MSNDataModule(L.LightningDataModule):
@@ -116,44 +145,33 @@ class MSNDataModule(L.LightningDataModule):
         bad_image_log: str | os.PathLike | None = None,
     ) -> None:
         super().__init__()
-        if name not in DATASETS:
-            raise ValueError(f"data.name must be one of {list(DATASETS)}, got {name!r}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
-            raise ValueError(f"data.batch_size must be an integer >= 1, got {batch_size!r}")
-        if isinstance(num_workers, bool) or not isinstance(num_workers, numbers.Integral) or num_workers < -1:
-            raise ValueError(f"data.num_workers must be an integer >= 0, or -1 for auto, got {num_workers!r}")
-        if (
-            isinstance(eval_img_size, bool)
-            or not isinstance(eval_img_size, numbers.Integral)
-            or eval_img_size < 1
-        ):
-            raise ValueError(f"data.eval_img_size must be an integer >= 1, got {eval_img_size!r}")
-        if not isinstance(eval_crop_pct, numbers.Real) or not 0.0 < eval_crop_pct <= 1.0:
-            raise ValueError(f"data.eval_crop_pct must be in (0, 1], got {eval_crop_pct!r}")
-        if augment_on not in AUGMENT_ON:
-            raise ValueError(f"data.augment_on must be one of {list(AUGMENT_ON)}, got {augment_on!r}")
-        if load_size is not None and (
-            isinstance(load_size, bool) or not isinstance(load_size, numbers.Integral) or load_size < 1
-        ):
-            raise ValueError(f"data.load_size must be an integer >= 1 or null, got {load_size!r}")
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-            raise ValueError(f"data.seed must be an integer, got {seed!r}")
-        if on_bad_image not in ON_BAD_IMAGE:
-            raise ValueError(f"data.on_bad_image must be one of {list(ON_BAD_IMAGE)}, got {on_bad_image!r}")
-        try:
-            in_chans, mean_t, std_t = _resolve_mean_std(in_chans, mean, std)
-        except ValueError as e:
-            raise ValueError(f"data.{e}") from e
-        for key, split in (
-            ("train_split", train_split),
-            ("eval_train_split", _EVAL_SPLIT_ALIASES.get((name, eval_train_split), eval_train_split)),
-            ("eval_test_split", eval_test_split),
-        ):
-            if split not in SPLITS[name]:
-                raise ValueError(
-                    f"data.{key} must be one of {list(SPLITS[name])} for {name!r}, got {split!r}"
-                )
-
+        problems = MSNDataModule.problems(
+            name=name,
+            root=root,
+            download=download,
+            in_chans=in_chans,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            persistent_workers=persistent_workers,
+            drop_last=drop_last,
+            transform=transform,
+            eval_img_size=eval_img_size,
+            eval_crop_pct=eval_crop_pct,
+            mean=mean,
+            std=std,
+            seed=seed,
+            train_split=train_split,
+            eval_train_split=eval_train_split,
+            eval_test_split=eval_test_split,
+            augment_on=augment_on,
+            load_size=load_size,
+            on_bad_image=on_bad_image,
+            bad_image_log=bad_image_log,
+        )
+        if problems:
+            raise ValueError("; ".join(f"data.{p}" for p in problems))
+        in_chans, mean_t, std_t = _resolve_mean_std(in_chans, mean, std)
         self.name = name
         self.root = None if root is None else os.fspath(root)
         self.download = bool(download)
@@ -175,12 +193,6 @@ class MSNDataModule(L.LightningDataModule):
         self.load_size = None if load_size is None else int(load_size)
         # Same arguments as the PIL pipeline (already validated by it); used when augment_on=device.
         self.batched_transform: BatchedMultiView | None = None
-        if augment_on == "device" and name == "imagefolder" and load_size is None:
-            # Files of different sizes cannot be stacked into one uint8 batch.
-            raise ValueError(
-                "data.augment_on=device with data.name=imagefolder needs data.load_size (e.g. 256): "
-                "the images are resized to one square size in the workers before batching"
-            )
         if augment_on == "device":
             self.batched_transform = BatchedMultiView(**self._transform_kwargs(self.transform))
 
@@ -192,37 +204,55 @@ class MSNDataModule(L.LightningDataModule):
         # Set by load_state_dict: where the training stream of a resumed run continues.
         self._resume_state: dict | None = None
 
+    @staticmethod
+    def problems(**kwargs: Any) -> list[str]:
+        """Every problem of these constructor arguments (the missing ones take their defaults), named
+        as the keys of the ``data`` config node; TypeError for an argument it does not take."""
+        given = inspect.signature(MSNDataModule).bind_partial(**kwargs)
+        given.apply_defaults()
+        a = given.arguments
+        name, load_size = a["name"], a["load_size"]
+        problems = []
+        if not (isinstance(name, str) and name in DATASETS):
+            problems.append(f"name={name!r} is unknown; allowed: {', '.join(DATASETS)}")
+        problems += int_problems("batch_size", a["batch_size"], 1)
+        if not (is_int(a["num_workers"]) and a["num_workers"] >= -1):
+            problems.append(
+                f"num_workers={a['num_workers']} must be an integer >= 0, or -1 for one per CPU core (max 8)"
+            )
+        problems += int_problems("eval_img_size", a["eval_img_size"], 1)
+        problems += crop_pct_problems("eval_crop_pct", a["eval_crop_pct"])
+        if a["augment_on"] not in AUGMENT_ON:
+            problems.append(f"augment_on must be one of {list(AUGMENT_ON)}, got {a['augment_on']!r}")
+        elif a["augment_on"] == "device" and name == "imagefolder" and load_size is None:
+            # Files of different sizes cannot be stacked into one uint8 batch.
+            problems.append(
+                "augment_on=device with data.name=imagefolder needs data.load_size (e.g. 256): "
+                "the images are resized to one square size in the workers before batching"
+            )
+        if not (load_size is None or (is_int(load_size) and load_size >= 1)):
+            problems.append(f"load_size must be an integer >= 1 or null, got {load_size!r}")
+        if not is_int(a["seed"]):
+            problems.append(f"seed must be an integer, got {a['seed']!r}")
+        if a["on_bad_image"] not in ON_BAD_IMAGE:
+            allowed = ", ".join(ON_BAD_IMAGE)
+            problems.append(f"on_bad_image={a['on_bad_image']!r} is unknown; allowed: {allowed}")
+        for key in ("train_split", "eval_train_split", "eval_test_split") if name in DATASETS else ():
+            split = a[key] if key != "eval_train_split" else _EVAL_SPLIT_ALIASES.get((name, a[key]), a[key])
+            if split not in SPLITS[name]:
+                problems.append(f"{key} must be one of {list(SPLITS[name])} for {name!r}, got {a[key]!r}")
+        # The transform takes these channels and statistics unless it names its own: checked once right.
+        channels = mean_std_problems(a["in_chans"], a["mean"], a["std"])
+        transform = channels or _transform_problems(a["transform"], a["in_chans"], a["mean"], a["std"])
+        return problems + transform
+
     def _build_transform(self, transform: MultiViewTransform | Mapping | None) -> MultiViewTransform:
-        """Accept a ready transform or its kwargs (Hydra passes a DictConfig); check channel consistency."""
+        """A ready transform, or one made of its kwargs (Hydra passes a DictConfig) with this module's
+        channels and normalisation unless given (the arguments are checked by :meth:`problems`)."""
         if isinstance(transform, MultiViewTransform):
-            if transform.in_chans != self.in_chans:
-                raise ValueError(
-                    f"data.transform.in_chans ({transform.in_chans}) differs from "
-                    f"data.in_chans ({self.in_chans})"
-                )
             return transform
-        if transform is None:
-            kwargs: dict = {}
-        elif isinstance(transform, Mapping):
-            kwargs = {str(k): v for k, v in transform.items() if k != "_target_"}
-        else:
-            raise ValueError(
-                f"data.transform must be a MultiViewTransform, a mapping of its arguments or null, "
-                f"got {type(transform).__name__}"
-            )
-        if kwargs.setdefault("in_chans", self.in_chans) != self.in_chans:
-            raise ValueError(
-                f"data.transform.in_chans ({kwargs['in_chans']}) differs from data.in_chans ({self.in_chans})"
-            )
-        kwargs.setdefault("mean", self.mean)
-        kwargs.setdefault("std", self.std)
-        try:
-            return MultiViewTransform(**kwargs)
-        except TypeError as e:  # unknown key in the config
-            allowed = [p for p in inspect.signature(MultiViewTransform).parameters]
-            raise ValueError(f"data.transform: {e}; allowed keys: {allowed}") from e
-        except ValueError as e:
-            raise ValueError(f"data.transform.{e}") from e
+        kwargs = _transform_arguments(transform, self.in_chans, self.mean, self.std)
+        return MultiViewTransform(**kwargs)
 
     @staticmethod
     def _transform_kwargs(t: MultiViewTransform) -> dict:
@@ -341,43 +371,46 @@ class MSNDataModule(L.LightningDataModule):
         Raises:
             ValueError: the dataset (or one of the chosen splits) has no labels or its files are missing.
         """
-        if self._eval_datasets is not None:
-            return self._eval_datasets
-        tf = eval_transform(
-            self.eval_img_size,
-            self.in_chans,
-            self.mean,
-            self.std,
-            self.eval_crop_pct,
-            self.transform.interpolation,
-        )
-        out = []
-        for key, split in (
-            ("eval_train_split", self.eval_train_split),
-            ("eval_test_split", self.eval_test_split),
-        ):
-            split = _EVAL_SPLIT_ALIASES.get((self.name, split), split)
-            try:
-                ds = build_dataset(
-                    self.name,
-                    split,
-                    self.root,
-                    tf,
-                    download=self.download,
-                    in_chans=self.in_chans,
-                    on_bad_image=self.on_bad_image,
-                    bad_image_log=self.bad_image_log,
-                )
-            except FileNotFoundError as e:
-                # E.g. an imagefolder without a test/ or val/ folder. Reported as "no evaluation data"
-                # (ValueError) so callers can skip the evaluation instead of failing after pre-training.
-                raise ValueError(f"no evaluation data for data.{key}={split!r}: {e}") from e
-            if not has_labels(ds):
-                raise ValueError(
-                    f"evaluation needs labels, but split {split!r} (data.{key}) of dataset {self.name!r} has "
-                    "none (an imagefolder needs one sub-folder per class). Choose a labelled "
-                    "dataset/split or disable the evaluation."
-                )
-            out.append(ds)
-        self._eval_datasets = (out[0], out[1])
+        if self._eval_datasets is None:
+            tf = eval_transform(
+                self.eval_img_size,
+                self.in_chans,
+                self.mean,
+                self.std,
+                self.eval_crop_pct,
+                self.transform.interpolation,
+            )
+            train, test = (self.labelled_split(key, tf) for key in ("eval_train_split", "eval_test_split"))
+            self._eval_datasets = (train, test)
         return self._eval_datasets
+
+    def labelled_split(self, key: str, transform: Callable) -> Dataset:
+        """The labelled split ``data.<key>`` (``eval_train_split`` or ``eval_test_split``) with ``transform``.
+
+        Raises:
+            ValueError: the split has no labels or its files are missing.
+        """
+        split = getattr(self, key)
+        split = _EVAL_SPLIT_ALIASES.get((self.name, split), split)
+        try:
+            ds = build_dataset(
+                self.name,
+                split,
+                self.root,
+                transform,
+                download=self.download,
+                in_chans=self.in_chans,
+                on_bad_image=self.on_bad_image,
+                bad_image_log=self.bad_image_log,
+            )
+        except FileNotFoundError as e:
+            # E.g. an imagefolder without a test/ or val/ folder. Reported as "no evaluation data"
+            # (ValueError) so callers can skip the evaluation instead of failing after pre-training.
+            raise ValueError(f"no evaluation data for data.{key}={split!r}: {e}") from e
+        if not has_labels(ds):
+            raise ValueError(
+                f"evaluation needs labels, but split {split!r} (data.{key}) of dataset {self.name!r} has "
+                "none (an imagefolder needs one sub-folder per class). Choose a labelled "
+                "dataset/split or disable the evaluation."
+            )
+        return ds

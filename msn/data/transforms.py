@@ -8,14 +8,16 @@ the crop-area range differ.
 
 from __future__ import annotations
 
+import inspect
 import math
-import numbers
 from collections.abc import Callable, Sequence
 
 import torch
 from PIL import Image, ImageFilter
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
+
+from msn.checks import int_problems, is_int, is_number
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -27,9 +29,14 @@ __all__ = [
     "MultiViewTransform",
     "PILGaussianBlur",
     "blur_kernel_size",
+    "crop_pct_problems",
     "default_mean_std",
     "eval_transform",
     "image_mode",
+    "int_problems",
+    "is_int",
+    "is_number",
+    "mean_std_problems",
 ]
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -42,75 +49,87 @@ _SUPPORTED_CHANS = (1, 3)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Validation helpers. They produce messages that name the offending argument and the allowed values, because
-# these values usually come from a Hydra config and the user has to find the key to fix.
+# Argument rules. Each returns the problems it finds as messages that name the argument, its value and what
+# is allowed (an empty list when there is none), because these values usually come from a Hydra config and
+# the user has to find the key to fix.
 # ----------------------------------------------------------------------------------------------------
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
+def _prob_problems(name: str, value: object) -> list[str]:
+    if is_number(value) and 0.0 <= float(value) <= 1.0:  # type: ignore[arg-type]
+        return []
+    return [f"{name} must be a probability in [0, 1], got {value!r}"]
 
 
-def _check_prob(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= float(value) <= 1.0:
-        raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
-    return float(value)
+def crop_pct_problems(name: str, value: object) -> list[str]:
+    if is_number(value) and 0.0 < float(value) <= 1.0:  # type: ignore[arg-type]
+        return []
+    return [f"{name} must be in (0, 1], got {value!r}"]
 
 
-def _check_range(name: str, value: object, high: float | None) -> tuple[float, float]:
-    """Validate a ``(lo, hi)`` pair with ``0 < lo <= hi`` (and ``hi <= high`` unless ``high`` is None)."""
-    interval = "(0, inf)" if high is None else f"(0, {high}]"
-    msg = f"{name} must be a pair (lo, hi) with lo <= hi, both in {interval}, got {value!r}"
+def _floats(value: object) -> tuple[float, ...] | None:
+    """``value`` as floats (lists, tuples and OmegaConf's ListConfig alike), or None."""
     try:
-        # tuple() also accepts OmegaConf's ListConfig, which is what Hydra passes for YAML lists.
-        pair = tuple(float(v) for v in value)  # type: ignore[union-attr]
+        return tuple(float(v) for v in value)  # type: ignore[union-attr]
     except (TypeError, ValueError):
-        raise ValueError(msg) from None
-    if len(pair) != 2:
-        raise ValueError(msg)
-    lo, hi = pair
-    if not (0.0 < lo <= hi and (high is None or hi <= high)):
-        raise ValueError(msg)
-    return lo, hi
+        return None
+
+
+def _pair(value: object) -> tuple[float, float] | None:
+    vals = _floats(value)
+    return (vals[0], vals[1]) if vals is not None and len(vals) == 2 else None
+
+
+def _range_problems(name: str, value: object, high: float | None) -> list[str]:
+    """A ``(lo, hi)`` pair with ``0 < lo <= hi`` (and ``hi <= high`` unless ``high`` is None)."""
+    pair = _pair(value)
+    if pair is not None and 0.0 < pair[0] <= pair[1] and (high is None or pair[1] <= high):
+        return []
+    interval = "(0, inf)" if high is None else f"(0, {high}]"
+    return [f"{name} must be a pair (lo, hi) with lo <= hi, both in {interval}, got {value!r}"]
 
 
 def default_mean_std(in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Normalisation statistics used when none are configured: ImageNet for RGB, ``0.5`` for grayscale."""
-    if in_chans == 3:
-        return IMAGENET_MEAN, IMAGENET_STD
-    if in_chans == 1:
-        return GRAYSCALE_MEAN, GRAYSCALE_STD
-    raise ValueError(f"in_chans must be one of {_SUPPORTED_CHANS}, got {in_chans!r}")
+    problems = mean_std_problems(in_chans, None, None)
+    if problems:
+        raise ValueError(problems[0])
+    return (IMAGENET_MEAN, IMAGENET_STD) if in_chans == 3 else (GRAYSCALE_MEAN, GRAYSCALE_STD)
+
+
+def mean_std_problems(in_chans: object, mean: object, std: object) -> list[str]:
+    """``in_chans`` is 1 or 3, ``mean`` and ``std`` are null or one number per channel (std > 0)."""
+    if isinstance(in_chans, bool) or in_chans not in _SUPPORTED_CHANS:
+        return [f"in_chans must be one of {_SUPPORTED_CHANS}, got {in_chans!r}"]
+    problems = []
+    for name, value in (("mean", mean), ("std", std)):
+        if value is None:
+            continue
+        vals = _floats(value)
+        if vals is None:
+            problems.append(f"{name} must be a list of {in_chans} numbers (one per channel), got {value!r}")
+        elif len(vals) != in_chans:
+            problems.append(
+                f"{name} must have one entry per channel (in_chans={in_chans}), "
+                f"got {len(vals)} entries: {value!r}"
+            )
+        elif name == "std" and any(v <= 0 for v in vals):
+            problems.append(f"std entries must be > 0, got {value!r}")
+    return problems
 
 
 def _resolve_mean_std(
     in_chans: object, mean: Sequence[float] | None, std: Sequence[float] | None
 ) -> tuple[int, tuple[float, ...], tuple[float, ...]]:
-    """Validate ``in_chans`` and return ``(in_chans, mean, std)`` with the defaults filled in."""
-    if isinstance(in_chans, bool) or in_chans not in _SUPPORTED_CHANS:
-        raise ValueError(f"in_chans must be one of {_SUPPORTED_CHANS}, got {in_chans!r}")
-    in_chans = int(in_chans)  # type: ignore[arg-type]
-    default_mean, default_std = default_mean_std(in_chans)
-    out = []
-    for name, value, default in (("mean", mean, default_mean), ("std", std, default_std)):
-        if value is None:
-            out.append(default)
-            continue
-        try:
-            vals = tuple(float(v) for v in value)
-        except (TypeError, ValueError):
-            raise ValueError(
-                f"{name} must be a list of {in_chans} numbers (one per channel), got {value!r}"
-            ) from None
-        if len(vals) != in_chans:
-            raise ValueError(
-                f"{name} must have one entry per channel (in_chans={in_chans}), "
-                f"got {len(vals)} entries: {value!r}"
-            )
-        if name == "std" and any(v <= 0 for v in vals):
-            raise ValueError(f"std entries must be > 0, got {value!r}")
-        out.append(vals)
-    return in_chans, out[0], out[1]
+    """``(in_chans, mean, std)`` with the defaults filled in; ValueError for what
+    :func:`mean_std_problems` finds."""
+    problems = mean_std_problems(in_chans, mean, std)
+    if problems:
+        raise ValueError("; ".join(problems))
+    default_mean, default_std = default_mean_std(int(in_chans))  # type: ignore[call-overload]
+    return (
+        int(in_chans),  # type: ignore[call-overload]
+        default_mean if mean is None else tuple(float(v) for v in mean),
+        default_std if std is None else tuple(float(v) for v in std),
+    )
 
 
 def image_mode(in_chans: int) -> str:
@@ -125,10 +144,10 @@ INTERPOLATIONS: dict[str, InterpolationMode] = {
 }
 
 
-def _check_interpolation(value: object) -> InterpolationMode:
-    if value not in INTERPOLATIONS:
-        raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {value!r}")
-    return INTERPOLATIONS[value]  # type: ignore[index]
+def _interpolation_problems(value: object) -> list[str]:
+    if isinstance(value, str) and value in INTERPOLATIONS:
+        return []
+    return [f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {value!r}"]
 
 
 def blur_kernel_size(sigma: float, size: int) -> int:
@@ -228,35 +247,62 @@ class MultiViewTransform:
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
     ) -> None:
-        _check_interpolation(interpolation)
+        problems = MultiViewTransform.problems(
+            rand_size=rand_size,
+            focal_size=focal_size,
+            rand_views=rand_views,
+            focal_views=focal_views,
+            rand_scale=rand_scale,
+            focal_scale=focal_scale,
+            color_jitter=color_jitter,
+            color_jitter_p=color_jitter_p,
+            grayscale_p=grayscale_p,
+            blur_p=blur_p,
+            blur_sigma=blur_sigma,
+            hflip_p=hflip_p,
+            interpolation=interpolation,
+            in_chans=in_chans,
+            mean=mean,
+            std=std,
+        )
+        if problems:
+            raise ValueError("; ".join(problems))
         self.interpolation = str(interpolation)
-        self.rand_size = _check_int("rand_size", rand_size, 1)
-        self.focal_size = _check_int("focal_size", focal_size, 1)
-        # MSN needs at least one anchor view to compare against the target view.
-        self.rand_views = _check_int("rand_views", rand_views, 1)
-        self.focal_views = _check_int("focal_views", focal_views, 0)
-        self.rand_scale = _check_range("rand_scale", rand_scale, 1.0)
-        self.focal_scale = _check_range("focal_scale", focal_scale, 1.0)
-        # torchvision's ColorJitter caps hue at 0.5, i.e. strength 0.2 * s <= 0.5.
-        if (
-            isinstance(color_jitter, bool)
-            or not isinstance(color_jitter, numbers.Real)
-            or not 0.0 <= color_jitter <= 2.5
-        ):
-            raise ValueError(
-                f"color_jitter must be a strength in [0, 2.5] (0 disables it), got {color_jitter!r}"
-            )
+        self.rand_size, self.focal_size = int(rand_size), int(focal_size)
+        self.rand_views, self.focal_views = int(rand_views), int(focal_views)
+        self.rand_scale, self.focal_scale = _pair(rand_scale), _pair(focal_scale)
         self.color_jitter = float(color_jitter)
-        self.color_jitter_p = _check_prob("color_jitter_p", color_jitter_p)
-        self.grayscale_p = _check_prob("grayscale_p", grayscale_p)
-        self.blur_p = _check_prob("blur_p", blur_p)
-        self.blur_sigma = _check_range("blur_sigma", blur_sigma, None)
-        self.hflip_p = _check_prob("hflip_p", hflip_p)
+        self.color_jitter_p, self.grayscale_p = float(color_jitter_p), float(grayscale_p)
+        self.blur_p, self.blur_sigma, self.hflip_p = float(blur_p), _pair(blur_sigma), float(hflip_p)
         self.in_chans, self.mean, self.std = _resolve_mean_std(in_chans, mean, std)
 
         self._convert = ConvertMode(image_mode(self.in_chans))
         self.rand_transform = self._view_transform(self.rand_size, self.rand_scale)
         self.focal_transform = self._view_transform(self.focal_size, self.focal_scale)
+
+    @staticmethod
+    def problems(**kwargs: object) -> list[str]:
+        """Every problem of these constructor arguments (the missing ones take their defaults), one
+        message each, named as the argument; TypeError for an argument the constructor does not take."""
+        given = inspect.signature(MultiViewTransform).bind_partial(**kwargs)
+        given.apply_defaults()
+        a = given.arguments
+        problems = _interpolation_problems(a["interpolation"])
+        # MSN needs at least one anchor view to compare against the target view.
+        for name, minimum in (("rand_size", 1), ("focal_size", 1), ("rand_views", 1), ("focal_views", 0)):
+            problems += int_problems(name, a[name], minimum)
+        problems += _range_problems("rand_scale", a["rand_scale"], 1.0)
+        problems += _range_problems("focal_scale", a["focal_scale"], 1.0)
+        # torchvision's ColorJitter caps hue at 0.5, i.e. strength 0.2 * s <= 0.5.
+        if not (is_number(a["color_jitter"]) and 0.0 <= a["color_jitter"] <= 2.5):
+            problems.append(
+                f"color_jitter must be a strength in [0, 2.5] (0 disables it), got {a['color_jitter']!r}"
+            )
+        for name in ("color_jitter_p", "grayscale_p", "blur_p"):
+            problems += _prob_problems(name, a[name])
+        problems += _range_problems("blur_sigma", a["blur_sigma"], None)
+        problems += _prob_problems("hflip_p", a["hflip_p"])
+        return problems + mean_std_problems(a["in_chans"], a["mean"], a["std"])
 
     def _view_transform(self, size: int, scale: tuple[float, float]) -> T.Compose:
         """The augmentation pipeline of one view (SimCLR/BYOL-style recipe used by MSN)."""
@@ -311,10 +357,11 @@ def eval_transform(
     (digits, MNIST, CIFAR) where cropping would cut off content. ``interpolation`` as for the
     training crops (official: bilinear).
     """
-    mode = _check_interpolation(interpolation)
-    img_size = _check_int("img_size", img_size, 1)
-    if isinstance(crop_pct, bool) or not isinstance(crop_pct, numbers.Real) or not 0.0 < crop_pct <= 1.0:
-        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct!r}")
+    problems = _interpolation_problems(interpolation) + int_problems("img_size", img_size, 1)
+    problems += crop_pct_problems("crop_pct", crop_pct) + mean_std_problems(in_chans, mean, std)
+    if problems:
+        raise ValueError("; ".join(problems))
+    mode = INTERPOLATIONS[interpolation]
     in_chans, mean, std = _resolve_mean_std(in_chans, mean, std)
     return T.Compose(
         [

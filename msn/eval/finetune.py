@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
 from msn.backbone import build_vit, embed_tokens, forward_tokens
+from msn.eval.reports import EvalRun, Evaluation
 from msn.eval.splits import (
     dataset_targets,
     percent_label,
@@ -234,38 +236,18 @@ def train_transform(img_size: int, mean: Sequence[float], std: Sequence[float], 
     return transform
 
 
-def check_finetune_config(cfg: Any) -> list[str]:
-    """Problems of a ``finetune`` config node (empty when fine), found before any compute."""
-    problems = []
-    if not isinstance(cfg.epochs, int) or cfg.epochs < 1:
-        problems.append(f"finetune.epochs={cfg.epochs} must be an integer >= 1")
-    if not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
-        problems.append(f"finetune.batch_size={cfg.batch_size} must be an integer >= 1")
-    elif (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.mixup_prob > 0 and cfg.batch_size % 2:
-        problems.append(
-            f"finetune.batch_size={cfg.batch_size} must be even with mixup/cutmix (each batch is mixed "
-            "with its reverse)"
-        )
-    if cfg.lr is not None and not cfg.lr > 0:
-        problems.append(f"finetune.lr={cfg.lr} must be > 0 (or null: blr * batch_size / 256)")
-    if cfg.label_percent is not None and cfg.label_shots is not None:
-        problems.append("finetune.label_percent and finetune.label_shots are exclusive; set one of them")
-    if len(cfg.crop_scale) != 2 or not 0 < cfg.crop_scale[0] <= cfg.crop_scale[1] <= 1:
-        problems.append(f"finetune.crop_scale={list(cfg.crop_scale)} must be [lo, hi] with 0 < lo <= hi <= 1")
-    return problems
-
-
 def run_finetune(
     ckpt: Checkpoint,
     datamodule: Any,
-    cfg: Any,
+    cfg: FineTuneEvaluation | Any,
     *,
     seed: int,
     accelerator: str,
     output_dir: Path,
     strict: bool = True,
 ) -> dict[str, Any]:
-    """Fine-tune ``ckpt``'s encoder on ``datamodule``'s labelled data (``finetune`` config ``cfg``).
+    """Fine-tune ``ckpt``'s encoder on ``datamodule``'s labelled data with the recipe ``cfg`` (a
+    :class:`FineTuneEvaluation`, or anything with its attributes).
 
     The training images are ``datamodule``'s evaluation train split (or a ``label_percent`` /
     ``label_shots`` subset of it) with the recipe's augmentation; validation is the evaluation
@@ -277,9 +259,6 @@ def run_finetune(
         The ``finetune.json`` payload: ``best_accuracy``, ``best_epoch``, ``last_accuracy``,
         ``val_accuracy`` (per epoch), ``labels``, ``train``, ``test``, ``lr``, checkpoint paths...
     """
-    from msn.data import build_dataset
-    from msn.data.datamodule import _EVAL_SPLIT_ALIASES
-
     eval_train, test_ds = datamodule.eval_datasets()  # labelled, or a clear ValueError
     labels = dataset_targets(eval_train)
     idx, labels_name = label_subset(labels, cfg.label_percent, cfg.label_shots, cfg.split_seed)
@@ -291,19 +270,7 @@ def run_finetune(
     name, state = ckpt.encoder_state(cfg.encoder)
     img_size = int(ckpt.encoder_kwargs["img_size"])
     mean, std = datamodule.mean, datamodule.std
-    split = _EVAL_SPLIT_ALIASES.get(
-        (datamodule.name, datamodule.eval_train_split), datamodule.eval_train_split
-    )
-    train_ds = build_dataset(
-        datamodule.name,
-        split,
-        datamodule.root,
-        train_transform(img_size, mean, std, cfg),
-        download=datamodule.download,
-        in_chans=datamodule.in_chans,
-        on_bad_image=datamodule.on_bad_image,
-        bad_image_log=datamodule.bad_image_log,
-    )
+    train_ds = datamodule.labelled_split("eval_train_split", train_transform(img_size, mean, std, cfg))
     classes = list(getattr(eval_train, "classes", None) or range(int(labels.max()) + 1))
     lr = cfg.lr if cfg.lr is not None else cfg.blr * cfg.batch_size / 256
 
@@ -401,9 +368,77 @@ def finetune_summary(result: Mapping[str, Any], dataset: str) -> str:
     )
 
 
+@dataclass
+class FineTuneEvaluation(Evaluation):
+    """Full fine-tuning of the run's checkpoint (:func:`run_finetune`) with the recipe of
+    ``configs/eval/finetune.yaml``, whose keys are the fields (documented there)."""
+
+    epochs: int
+    batch_size: int
+    lr: float | None
+    blr: float
+    min_lr: float
+    warmup_epochs: float
+    weight_decay: float
+    layer_decay: float
+    betas: Sequence[float]
+    drop_path: float
+    label_smoothing: float
+    mixup: float
+    cutmix: float
+    mixup_prob: float
+    mixup_switch_prob: float
+    rand_augment: str | None
+    reprob: float
+    crop_scale: Sequence[float]
+    hflip: float
+    head_init_std: float
+    label_percent: float | None
+    label_shots: int | None
+    split_seed: int
+    encoder: str | None
+    num_workers: int
+    precision: str
+    progress: bool
+
+    def problems(self) -> list[str]:
+        problems = []
+        if not isinstance(self.epochs, int) or self.epochs < 1:
+            problems.append(f"finetune.epochs={self.epochs} must be an integer >= 1")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            problems.append(f"finetune.batch_size={self.batch_size} must be an integer >= 1")
+        elif (self.mixup > 0 or self.cutmix > 0) and self.mixup_prob > 0 and self.batch_size % 2:
+            problems.append(
+                f"finetune.batch_size={self.batch_size} must be even with mixup/cutmix (each batch is mixed "
+                "with its reverse)"
+            )
+        if self.lr is not None and not self.lr > 0:
+            problems.append(f"finetune.lr={self.lr} must be > 0 (or null: blr * batch_size / 256)")
+        if self.label_percent is not None and self.label_shots is not None:
+            problems.append("finetune.label_percent and finetune.label_shots are exclusive; set one of them")
+        scale = list(self.crop_scale)
+        if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+            problems.append(f"finetune.crop_scale={scale} must be [lo, hi] with 0 < lo <= hi <= 1")
+        return problems
+
+    def __call__(self, run: EvalRun) -> str:
+        if run.checkpoint is None:
+            raise ValueError("fine-tuning needs a checkpoint (EvalRun.checkpoint)")
+        result = run_finetune(
+            run.checkpoint,
+            run.datamodule,
+            self,
+            seed=run.seed,
+            accelerator=run.device.type,
+            output_dir=run.output_dir,
+            strict=run.strict,
+        )
+        return finetune_summary(result, run.dataset)
+
+
 __all__ = [
+    "FineTuneEvaluation",
     "FineTuneModule",
-    "check_finetune_config",
     "classify",
     "dataset_targets",
     "finetune_summary",

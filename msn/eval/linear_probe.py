@@ -14,6 +14,7 @@ import json
 import math
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,42 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from msn.checks import is_int
+from msn.eval.features import frozen_features
+from msn.eval.reports import EvalRun, Evaluation
+
 NO_LABELS = "dataset has no labels; the linear probe needs a labelled dataset"
+
+
+def scaled_lr(lr: float | None, base_lr: float, batch_size: int, base_batch: int) -> float:
+    """The peak learning rate: ``lr``, or with ``lr=None`` the linear scaling of ``base_lr``."""
+    return base_lr * batch_size / base_batch if lr is None else lr
+
+
+def probe_problems(
+    epochs: Any, batch_size: Any, lr: Any, base_lr: Any, base_batch: Any, prefix: str = ""
+) -> list[str]:
+    """What is wrong with the probe's schedule settings; ``prefix`` names their config node."""
+    problems = []
+    if not (is_int(epochs) and epochs >= 1):
+        problems.append(f"{prefix}epochs={epochs} must be >= 1")
+    if not (is_int(batch_size) and batch_size >= 1):
+        problems.append(f"{prefix}batch_size={batch_size} must be >= 1")
+        return problems  # no scaled lr to check
+    if lr is None and not (is_int(base_batch) and base_batch >= 1):
+        problems.append(f"{prefix}base_batch={base_batch} must be >= 1")
+        return problems
+    peak = scaled_lr(lr, base_lr, batch_size, base_batch)
+    if (
+        isinstance(peak, bool)
+        or not isinstance(peak, (int, float))
+        or not peak > 0
+        or not math.isfinite(peak)
+    ):
+        problems.append(
+            f"{prefix}lr={peak} must be > 0 (lr=None scales base_lr={base_lr} by batch_size/base_batch)"
+        )
+    return problems
 
 
 class LinearProbe(L.LightningModule):
@@ -177,16 +213,10 @@ def run_linear_probe(
     if tx.shape[1] != vx.shape[1]:
         raise ValueError(f"feature dims differ: train_x has {tx.shape[1]}, test_x has {vx.shape[1]}")
     ty, vy = _as_labels(train_y, len(tx), "train_y"), _as_labels(test_y, len(vx), "test_y")
-    if epochs < 1:
-        raise ValueError(f"epochs={epochs} must be >= 1")
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be >= 1")
-    if lr is None:
-        if base_batch < 1:
-            raise ValueError(f"base_batch={base_batch} must be >= 1")
-        lr = base_lr * batch_size / base_batch
-    if not lr > 0 or not math.isfinite(lr):
-        raise ValueError(f"lr={lr} must be > 0 (lr=None scales base_lr={base_lr} by batch_size/base_batch)")
+    problems = probe_problems(epochs, batch_size, lr, base_lr, base_batch)
+    if problems:
+        raise ValueError(problems[0])
+    lr = scaled_lr(lr, base_lr, batch_size, base_batch)
 
     num_classes = int(max(ty.max(), vy.max())) + 1
     # Only the head's init draws from the global RNG; fork it so the caller's stream is untouched.
@@ -247,3 +277,46 @@ def run_linear_probe(
     if output_dir is not None:
         (output_dir / "linear.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+@dataclass
+class LinearProbeEvaluation(Evaluation):
+    """:func:`run_linear_probe` on the run's frozen features (``configs/eval/linear.yaml``);
+    writes ``linear.json`` and ``csv/metrics.csv``.
+
+    Args:
+        epochs, batch_size, lr, base_lr, base_batch, momentum, weight_decay: as
+            :func:`run_linear_probe` takes them (``batch_size`` also batches the extraction).
+    """
+
+    epochs: int
+    batch_size: int
+    lr: float | None
+    base_lr: float
+    base_batch: int
+    momentum: float
+    weight_decay: float
+
+    def problems(self) -> list[str]:
+        return probe_problems(self.epochs, self.batch_size, self.lr, self.base_lr, self.base_batch, "linear.")
+
+    def __call__(self, run: EvalRun) -> str:
+        feats = frozen_features(run.model, run.train_ds, run.test_ds, self.batch_size, cache=run.cache)
+        res = run_linear_probe(
+            *feats,
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            base_lr=self.base_lr,
+            base_batch=self.base_batch,
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
+            seed=run.seed,
+            accelerator=run.device.type,
+            output_dir=run.output_dir,
+        )
+        return (
+            f"Linear-probe accuracy, {run.dataset}: {res['accuracy']:.1f} % "
+            f"(train {res['train_accuracy']:.1f} %, {self.epochs} epochs, lr {res['lr']:g} at batch "
+            f"{self.batch_size}, {res['train']} train / {res['test']} test images)"
+        )

@@ -8,8 +8,8 @@ usage collapses, so a bad run is stopped after minutes instead of at the end.
 
 from __future__ import annotations
 
+import inspect
 import json
-import numbers
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -24,11 +24,12 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
+from msn.checks import int_problems, is_int, is_number
 from msn.eval.features import extract_features
 from msn.eval.knn import knn_accuracy
 from msn.eval.lowshot import lowshot_eval
 
-__all__ = ["OnlineEvalCallback", "OnlineEvalResult", "PrototypeCollapseWarning"]
+__all__ = ["CollapseRule", "OnlineEvalCallback", "OnlineEvalResult", "PrototypeCollapseWarning"]
 
 #: Seed of the permutation that picks the ``max_train`` / ``max_test`` subsets. Fixed, so every
 #: evaluation of a run (and of a resumed run) sees the same images and the curves are comparable.
@@ -41,7 +42,56 @@ _SETTLED_BN_BATCHES = 50
 
 
 class PrototypeCollapseWarning(UserWarning):
-    """The target network assigns the evaluated images to only a few prototypes."""
+    """The target network assigns the images it looks at to only a few prototypes."""
+
+
+class CollapseRule:
+    """When the prototypes count as collapsed, and the one message and warning that say so.
+
+    A reading (the caller's measurement: targets of training batches, assignments of test images)
+    is low when fewer than ``fraction * min(K, images)`` prototypes are used; ``patience`` low
+    readings in a row are a collapse, reported once, and again only after a reading that is not low.
+    ``fraction`` 0 never reports.
+    """
+
+    def __init__(self, fraction: float, patience: int = 1) -> None:
+        self.fraction, self.patience = float(fraction), int(patience)
+        self.low_streak = 0
+        self._reported = False
+
+    @staticmethod
+    def problems(fraction: Any, patience: Any = 1, fraction_key: str = "fraction") -> list[str]:
+        """What is wrong with these arguments, the fraction named ``fraction_key`` (a config key)."""
+        problems = []
+        if not (is_number(fraction) and 0 <= fraction <= 1):
+            problems.append(f"{fraction_key}={fraction} must be a number in [0, 1]")
+        if not (is_int(patience) and patience >= 1):
+            problems.append(f"patience={patience} must be an integer >= 1")
+        return problems
+
+    def check(
+        self, used: float, num_prototypes: int, images: int, when: str, observed: str, note: str = ""
+    ) -> str | None:
+        """One reading, ``used`` of ``num_prototypes`` prototypes over ``images`` images: the message if it
+        completes a collapse (``when``: e.g. "at step 5"; ``observed``: what was measured), else None."""
+        reachable = min(num_prototypes, images)  # at most one prototype per image
+        if used >= self.fraction * reachable:
+            self.low_streak, self._reported = 0, False
+            return None
+        self.low_streak += 1
+        if self.low_streak < self.patience or self._reported:
+            return None
+        self._reported = True
+        return (
+            f"PROTOTYPE COLLAPSE {when}: {observed} only {used:g} of K={num_prototypes} prototypes "
+            f"(< {self.fraction:g} x {reachable}). The representation is collapsing; try a lower learning "
+            "rate (model.optim.ref_lr), a larger batch (data.batch_size), Sinkhorn on "
+            f"(model.loss.sinkhorn_iterations=3) or a larger ME-MAX weight (model.loss.me_max_weight).{note}"
+        )
+
+    @staticmethod
+    def warn(message: str) -> None:
+        rank_zero_warn(message, category=PrototypeCollapseWarning)
 
 
 @dataclass
@@ -75,20 +125,14 @@ class OnlineEvalResult:
         return int(sum(c > 0 for c in self.counts))
 
 
-def _is_int(value: Any) -> bool:
-    # bool is an Integral, but `every_n_epochs=True` is a config mistake, not 1.
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _int_tuple(values: Any, name: str, minimum: int | None) -> tuple[int, ...]:
-    """Hydra hands lists over as ListConfig: accept any sequence of integers and freeze it."""
+def _int_list_problems(name: str, values: Any, minimum: int | None) -> list[str]:
+    """Hydra hands lists over as ListConfig: any non-empty sequence of integers will do."""
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or len(values) == 0:
-        raise ValueError(f"{name} must be a non-empty list of integers, got {values!r}")
-    for v in values:
-        if not _is_int(v) or (minimum is not None and v < minimum):
-            bound = f" >= {minimum}" if minimum is not None else ""
-            raise ValueError(f"{name} must contain integers{bound}, got {list(values)!r}")
-    return tuple(int(v) for v in values)
+        return [f"{name} must be a non-empty list of integers, got {values!r}"]
+    if all(is_int(v) and (minimum is None or v >= minimum) for v in values):
+        return []
+    bound = f" >= {minimum}" if minimum is not None else ""
+    return [f"{name} must contain integers{bound}, got {list(values)!r}"]
 
 
 def _subsample(dataset: Dataset, max_items: int | None) -> Dataset:
@@ -146,8 +190,8 @@ class OnlineEvalCallback(L.Callback):
        Weights & Biases loggers, the histogram ``online/prototype_usage`` over the K prototypes;
     4. appends a JSON line (epoch, step, knn, lowshot, num_used, counts, ...) to
        ``online_eval.jsonl`` in ``dirpath`` (default: ``trainer.log_dir``), independent of any logger;
-    5. emits a :class:`PrototypeCollapseWarning` when fewer than
-       ``collapse_fraction * min(K, evaluated test images)`` prototypes are used.
+    5. warns of a collapse (:class:`CollapseRule`): fewer than ``collapse_fraction * min(K, test
+       images)`` prototypes used, once until the usage recovers.
 
     The evaluation runs in eval mode (running BatchNorm statistics), under the trainer's
     precision context, and inside ``torch.random.fork_rng``: afterwards every submodule has its
@@ -188,26 +232,24 @@ class OnlineEvalCallback(L.Callback):
         dirpath: str | Path | None = None,
     ) -> None:
         super().__init__()
-        if not _is_int(every_n_epochs) or every_n_epochs < 1:
-            raise ValueError(f"every_n_epochs must be an integer >= 1, got {every_n_epochs!r}")
-        if not _is_int(knn_k) or knn_k < 1:
-            raise ValueError(f"knn_k must be an integer >= 1, got {knn_k!r}")
-        if not isinstance(knn_temperature, numbers.Real) or not 0 < knn_temperature < float("inf"):
-            raise ValueError(f"knn_temperature must be a finite number > 0, got {knn_temperature!r}")
-        self.shots = _int_tuple(shots, "shots", minimum=1)
-        self.seeds = _int_tuple(seeds, "seeds", minimum=None)
-        if not isinstance(lambd, numbers.Real) or not 0 < lambd < float("inf"):
-            raise ValueError(f"lambd must be a finite number > 0, got {lambd!r}")
-        for name, value in (("max_train", max_train), ("max_test", max_test)):
-            if value is not None and (not _is_int(value) or value < 1):
-                raise ValueError(f"{name} must be null (all images) or an integer >= 1, got {value!r}")
-        if not _is_int(batch_size) or batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        if not isinstance(collapse_fraction, numbers.Real) or not 0.0 <= collapse_fraction <= 1.0:
-            raise ValueError(f"collapse_fraction must be a number in [0, 1], got {collapse_fraction!r}")
-        if not isinstance(on_first_epoch, bool):
-            raise ValueError(f"on_first_epoch must be true or false, got {on_first_epoch!r}")
-
+        problems = OnlineEvalCallback.problems(
+            every_n_epochs=every_n_epochs,
+            knn_k=knn_k,
+            knn_temperature=knn_temperature,
+            shots=shots,
+            seeds=seeds,
+            lambd=lambd,
+            max_train=max_train,
+            max_test=max_test,
+            batch_size=batch_size,
+            collapse_fraction=collapse_fraction,
+            on_first_epoch=on_first_epoch,
+            dirpath=dirpath,
+        )
+        if problems:
+            raise ValueError("; ".join(problems))
+        self.shots = tuple(int(k) for k in shots)
+        self.seeds = tuple(int(seed) for seed in seeds)
         self.every_n_epochs = int(every_n_epochs)
         self.knn_k = int(knn_k)
         self.knn_temperature = float(knn_temperature)
@@ -216,11 +258,33 @@ class OnlineEvalCallback(L.Callback):
         self.max_test = None if max_test is None else int(max_test)
         self.batch_size = int(batch_size)
         self.collapse_fraction = float(collapse_fraction)
+        self.collapse = CollapseRule(self.collapse_fraction)
         self.on_first_epoch = on_first_epoch
         self.dirpath = None if dirpath is None else Path(dirpath)
         # (train, test) after subsampling; None until fit start finds labelled data.
         self._datasets: tuple[Dataset, Dataset] | None = None
         self._warned: set[str] = set()
+
+    @staticmethod
+    def problems(**kwargs: Any) -> list[str]:
+        """Every problem of these arguments (defaults for the missing ones), named as its config keys."""
+        given = inspect.signature(OnlineEvalCallback).bind_partial(**kwargs)
+        given.apply_defaults()
+        a = given.arguments
+        problems = int_problems("every_n_epochs", a["every_n_epochs"], 1)
+        problems += int_problems("knn_k", a["knn_k"], 1)
+        for name in ("knn_temperature", "lambd"):
+            if not (is_number(a[name]) and 0 < a[name] < float("inf")):
+                problems.append(f"{name} must be a finite number > 0, got {a[name]!r}")
+        problems += _int_list_problems("shots", a["shots"], 1) + _int_list_problems("seeds", a["seeds"], None)
+        for name in ("max_train", "max_test"):
+            if a[name] is not None and not (is_int(a[name]) and a[name] >= 1):
+                problems.append(f"{name} must be null (all images) or an integer >= 1, got {a[name]!r}")
+        problems += int_problems("batch_size", a["batch_size"], 1)
+        problems += CollapseRule.problems(a["collapse_fraction"], fraction_key="collapse_fraction")
+        if not isinstance(a["on_first_epoch"], bool):
+            problems.append(f"on_first_epoch must be true or false, got {a['on_first_epoch']!r}")
+        return problems
 
     # ------------------------------------------------------------------ Lightning hooks
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -365,30 +429,23 @@ class OnlineEvalCallback(L.Callback):
             f.write(json.dumps(record) + "\n")
 
     def _check_collapse(self, result: OnlineEvalResult, epoch: int, bn_batches: int | None = None) -> None:
-        """Warn when the prototype usage is below ``collapse_fraction * min(K, test images)``.
+        """Warn when the test images' assignments have collapsed (:class:`CollapseRule`).
 
         ``bn_batches``: fewest batches any BatchNorm layer has seen; eval-mode assignments rest on
         its running statistics, which still hold much of their initial value early in training.
         """
-        # With fewer test images than prototypes, at most num_test prototypes can be used.
-        reachable = min(result.num_prototypes, result.num_test)
-        threshold = self.collapse_fraction * reachable
-        if result.num_used < threshold:
-            caveat = ""
-            if bn_batches is not None and bn_batches < _SETTLED_BN_BATCHES:
-                caveat = (
-                    f" Caveat: the BatchNorm running statistics have seen only {bn_batches} batches "
-                    "so far; eval-mode assignments this early can look collapsed when training is fine."
-                )
-            rank_zero_warn(
-                f"PROTOTYPE COLLAPSE after epoch {epoch}: the target network assigns the "
-                f"{result.num_test} evaluated test images to only {result.num_used} of "
-                f"K={result.num_prototypes} prototypes (< {self.collapse_fraction:g} x {reachable}). "
-                "The representation is collapsing; try a lower learning rate (model.optim.ref_lr), a "
-                "larger batch (data.batch_size), Sinkhorn on (model.loss.sinkhorn_iterations=3) or a "
-                f"larger ME-MAX weight (model.loss.me_max_weight).{caveat}",
-                category=PrototypeCollapseWarning,
+        note = ""
+        if bn_batches is not None and bn_batches < _SETTLED_BN_BATCHES:
+            note = (
+                f" Caveat: the BatchNorm running statistics have seen only {bn_batches} batches "
+                "so far; eval-mode assignments this early can look collapsed when training is fine."
             )
+        observed = f"the target network assigns the {result.num_test} evaluated test images to"
+        message = self.collapse.check(
+            result.num_used, result.num_prototypes, result.num_test, f"after epoch {epoch}", observed, note
+        )
+        if message:
+            self.collapse.warn(message)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:

@@ -1,20 +1,37 @@
-"""Evaluation reports shared by ``train.py`` (end of pre-training) and ``finetune.py``."""
+"""What every evaluation shares: the run it evaluates (:class:`EvalRun`), the base class of the
+evaluations that configs/eval/*.yaml build (:class:`Evaluation`), and the low-shot one, whose table
+``train.py`` prints at the end of pre-training and ``finetune.py mode=lowshot`` on any checkpoint.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
+import numbers
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset, Subset
 
-from msn.eval.features import FeatureCache, frozen_features, raw_pixel_features, untrained_copy
-from msn.eval.knn import knn_accuracy
+from msn.checks import ConfigError
+from msn.eval.features import (
+    FeatureCache,
+    file_fingerprint,
+    frozen_features,
+    raw_pixel_features,
+    untrained_copy,
+)
 from msn.eval.lowshot import format_table, lowshot_eval_splits
 from msn.eval.splits import (
     SUBSET_KEY,
@@ -25,6 +42,8 @@ from msn.eval.splits import (
     shot_label,
     subset_file_indices,
 )
+from msn.io.formats import Checkpoint
+from msn.io.load import msn_module
 
 #: ``{column: (mean, std)}``: columns are ``"k=1"``, ``"1%"``, a subset file stem, ... (ints
 #: ``k`` are accepted too).
@@ -37,75 +56,175 @@ FINETUNED_ROW = "fine-tuned encoder"
 RANDOM_INIT_ROW = "random init"
 RAW_PIXELS_ROW = "raw pixels"
 _SHOT_COLUMN = re.compile(r"k=(\d+)")
+# Data keys that change how images are loaded, not which features come out: not in the cache key.
+_LOADER_KEYS = ("batch_size", "num_workers", "pin_memory", "persistent_workers", "transform")
 
 
-def knn_report(
-    model: Any,
-    train_ds: Dataset,
-    test_ds: Dataset,
-    cfg: Any,
-    *,
-    dataset: str,
-    output_dir: Path,
-    cache: FeatureCache | None = None,
-) -> str:
-    """Weighted kNN accuracy of ``model.features`` (``eval/knn`` config); writes ``knn.json``."""
-    train_x, train_y, test_x, test_y = frozen_features(model, train_ds, test_ds, cfg.batch_size, cache=cache)
-    acc = knn_accuracy(train_x, train_y, test_x, test_y, cfg.k, cfg.temperature)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    payload = {"accuracy": acc, "k": cfg.k, "temperature": cfg.temperature, "train": len(train_y)}
-    (output_dir / "knn.json").write_text(json.dumps(payload, indent=2))
-    return (
-        f"kNN accuracy, {dataset}: {acc:.1f} % (k={cfg.k}, temperature {cfg.temperature}, "
-        f"{len(train_y)} labelled train images, {len(test_y)} test images)"
+@dataclass
+class EvalRun:
+    """What an evaluation runs on: the labelled splits, where its files go, and the model.
+
+    Args:
+        train_ds, test_ds: the labelled evaluation splits (the data module's ``eval_datasets()``).
+        dataset: the data set's name, for the printed tables.
+        output_dir: where the evaluation writes its files.
+        seed: seeds the random-init baseline, the linear probe and fine-tuning.
+        device: where a model built from ``checkpoint`` and the trainers run.
+        checkpoint: the checkpoint evaluated (``finetune.py``); None for a model in memory.
+        datamodule: the data module of the splits (fine-tuning builds its training set from it).
+        strict: fail on missing or unexpected encoder weights when building the model.
+        features: feature kind of the model (:data:`msn.backbone.FEATURE_KINDS`); None: its own.
+        cache_dir: the feature cache folder; None: no cache.
+        data: the data config, part of the cache key.
+        preloaded: a model already in memory (``train.py``'s); else :attr:`model` is built from
+            ``checkpoint`` on first use.
+    """
+
+    train_ds: Dataset
+    test_ds: Dataset
+    dataset: str
+    output_dir: Path
+    seed: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    checkpoint: Checkpoint | None = None
+    datamodule: Any = None
+    strict: bool = True
+    features: str | None = None
+    cache_dir: str | Path | None = None
+    data: DictConfig | None = None
+    preloaded: Any = None
+
+    def __post_init__(self) -> None:
+        self.output_dir = Path(self.output_dir)
+
+    @cached_property
+    def model(self) -> Any:
+        """The MSN model whose ``features`` are evaluated (built once, when first asked for:
+        fine-tuning never needs it)."""
+        if self.preloaded is not None:
+            model = self.preloaded
+        elif self.checkpoint is not None:
+            model = msn_module(self.checkpoint, self.device, strict=self.strict)
+        else:
+            raise ValueError("EvalRun needs a checkpoint or a preloaded model")
+        if self.features is not None:
+            model.feature_kind = self.features
+        return model
+
+    @cached_property
+    def cache(self) -> FeatureCache | None:
+        """The feature cache of this checkpoint, data and feature kind; None without a cache
+        folder or a checkpoint file."""
+        if not self.cache_dir or self.checkpoint is None:
+            return None
+        data = OmegaConf.to_container(self.data, resolve=True) if self.data is not None else {}
+        fingerprint = {
+            "ckpt": file_fingerprint(self.checkpoint.weights_file),
+            "data": {k: v for k, v in data.items() if k not in _LOADER_KEYS},
+            "eval_img_size": self.checkpoint.encoder_kwargs["img_size"],
+            "features": self.model.feature_kind,
+            "seed": self.seed,
+            "sizes": [len(self.train_ds), len(self.test_ds)],  # type: ignore[arg-type]
+        }
+        return FeatureCache(self.cache_dir, fingerprint)
+
+
+class Evaluation(ABC):
+    """An evaluation built from its config (``configs/eval/<name>.yaml``: ``_target_`` and the
+    values its constructor takes); calling it on an :class:`EvalRun` runs it.
+
+    Subclasses are dataclasses of the yaml's values; :meth:`problems` holds their rules, and
+    building one with a value that breaks a rule raises ``ConfigError`` listing every problem.
+    """
+
+    def __post_init__(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise ConfigError(problems)
+
+    def problems(self) -> list[str]:
+        """What is wrong with the values (empty when they can run); nothing here needs data."""
+        return []
+
+    @abstractmethod
+    def __call__(self, run: EvalRun) -> str:
+        """Run on ``run``, write the evaluation's files into ``run.output_dir`` and return the
+        printable report."""
+
+
+def evaluation_class(target: Any) -> type[Evaluation] | None:
+    """The :class:`Evaluation` subclass a ``_target_`` names, or None (another class, or
+    nothing importable)."""
+    module, _, name = str(target).rpartition(".")
+    try:
+        obj = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+    return obj if isinstance(obj, type) and issubclass(obj, Evaluation) else None
+
+
+def build_evaluation(key: str, node: Any) -> Evaluation:
+    """``instantiate(node)``, the evaluation under config key ``key``; a broken rule, a misspelt
+    or missing key become one ``ConfigError`` (naming ``key`` when the constructor complains)."""
+    try:
+        built = instantiate(node, _convert_="all")
+    except InstantiationException as err:
+        cause = err.__cause__
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        raise ConfigError([f"{key}: {' '.join(str(cause or err).split())}"]) from err
+    if not isinstance(built, Evaluation):
+        raise ConfigError([f"{key}: {type(built).__name__} is not an Evaluation (msn.eval.reports)"])
+    return built
+
+
+def evaluation_problems(key: str, node: Any) -> list[str]:
+    """The problems :func:`build_evaluation` would raise for ``node`` (empty when it builds)."""
+    try:
+        build_evaluation(key, node)
+    except ConfigError as err:
+        return list(err.problems)  # type: ignore[attr-defined]
+    return []
+
+
+def lambd_values(lambd: Any) -> list[float] | None:
+    """``lowshot.lambd`` (a number or a list of numbers) as a list of floats; None unless every
+    value is a finite number > 0 and there is at least one."""
+    if isinstance(lambd, (int, float)):
+        values = [lambd]
+    elif isinstance(lambd, Sequence) and not isinstance(lambd, str):
+        values = list(lambd)
+    else:
+        return None
+    ok = all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) and v > 0 for v in values
     )
+    return [float(v) for v in values] if values and ok else None
 
 
-def linear_report(
-    model: Any,
-    train_ds: Dataset,
-    test_ds: Dataset,
-    cfg: Any,
-    *,
-    dataset: str,
-    seed: int,
-    device: torch.device,
-    output_dir: Path,
-    cache: FeatureCache | None = None,
-) -> str:
-    """Linear probe on frozen features (``eval/linear`` config); writes ``linear.json``."""
-    from msn.eval.linear_probe import run_linear_probe
-
-    feats = frozen_features(model, train_ds, test_ds, cfg.batch_size, cache=cache)
-    res = run_linear_probe(
-        *feats,
-        epochs=cfg.epochs,
-        batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        base_lr=cfg.base_lr,
-        base_batch=cfg.base_batch,
-        momentum=cfg.momentum,
-        weight_decay=cfg.weight_decay,
-        seed=seed,
-        accelerator=device.type,
-        output_dir=output_dir,
-    )
-    return (
-        f"Linear-probe accuracy, {dataset}: {res['accuracy']:.1f} % (train {res['train_accuracy']:.1f} %, "
-        f"{cfg.epochs} epochs, lr {res['lr']:g} at batch {cfg.batch_size}, "
-        f"{res['train']} train / {res['test']} test images)"
-    )
-
-
-def _lambdas(lambd: float | Sequence[float]) -> list[float]:
-    """``lowshot.lambd`` as a non-empty list of floats (a single number or a list)."""
-    values = [lambd] if isinstance(lambd, (int, float)) else list(lambd)
-    if not values:
-        raise ValueError("lowshot.lambd must be a number or a non-empty list of numbers")
-    for v in values:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) or v <= 0:
-            raise ValueError(f"lowshot.lambd values must be finite numbers > 0, got {v!r}")
-    return [float(v) for v in values]
+def lowshot_problems(
+    shots: Sequence[Any],
+    seeds: Sequence[Any],
+    lambd: Any,
+    percents: Sequence[Any] = (),
+    subset_files: Sequence[Any] = (),
+) -> list[str]:
+    """What is wrong with low-shot settings, before any data is read (empty when they can run)."""
+    problems = []
+    if any(isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1 for k in shots):
+        problems.append(f"lowshot.shots={list(shots)} must be a non-empty list of integers >= 1")
+    if lambd_values(lambd) is None:
+        problems.append(f"lowshot.lambd={lambd} must be a number > 0 or a non-empty list of them")
+    if len(seeds) == 0:
+        problems.append("lowshot.seeds must be non-empty")
+    for p in percents:
+        try:
+            check_percent(p)
+        except ValueError as err:
+            problems.append(str(err))
+    if not shots and not percents and not subset_files:
+        problems.append("nothing to evaluate: lowshot.shots, percents and subset_files are all empty")
+    return problems
 
 
 def _json_key(column: str) -> str:
@@ -155,15 +274,12 @@ def lowshot_report(
     the printable table.
     """
     # Everything that can be checked without features fails here, before any slow extraction.
-    lambdas = _lambdas(lambd)
-    if len(seeds) == 0:
-        raise ValueError("lowshot.seeds must be non-empty")
-    for p in percents:
-        check_percent(p)
+    problems = lowshot_problems(shots, seeds, lambd, percents, subset_files)
+    if problems:
+        raise ValueError(problems[0])
+    lambdas = lambd_values(lambd) or []
     files = subset_file_indices(train_ds, subset_files)
     shots = sorted(int(k) for k in shots)
-    if not shots and not percents and not files:
-        raise ValueError("nothing to evaluate: lowshot.shots, percents and subset_files are all empty")
 
     # Splits from the labels alone, so that only the images they draw (the k-shot pool) are
     # encoded, not the whole train split.
@@ -211,50 +327,73 @@ def lowshot_report(
     return format_table(results, title=title)
 
 
-def lowshot_from_config(
-    model: Any,
-    train_ds: Dataset,
-    test_ds: Dataset,
-    cfg: Any,
-    *,
-    dataset: str,
-    seed: int,
-    output_dir: Path,
-    cache: FeatureCache | None = None,
-    name: str = MSN_ROW,
-) -> str:
-    """:func:`lowshot_report` driven by an ``eval/lowshot`` config node; ``name``: the features' row.
+@dataclass
+class LowShotEvaluation(Evaluation):
+    """The low-shot table (:func:`lowshot_report`) of ``configs/eval/lowshot.yaml``: the run's
+    features, and the random-init and raw-pixel baselines beside them.
 
-    Keys: ``shots``, ``seeds``, ``lambd`` (number or list), ``batch_size``, ``random_init``,
-    ``raw_pixels`` and the optional ``percents`` and ``subset_files`` (default empty).
+    Args:
+        shots, seeds, lambd, batch_size, percents, subset_files: as :func:`lowshot_report` takes them.
+        random_init: also evaluate the same architecture untrained (seeded by the run's seed).
+        raw_pixels: and logistic regression on the raw pixels.
+        enabled: whether ``train.py`` prints the table at the end of pre-training (``finetune.py
+            mode=lowshot`` runs it either way).
     """
-    percents = list(getattr(cfg, "percents", None) or [])
-    subset_files = [str(f) for f in (getattr(cfg, "subset_files", None) or [])]
-    title = (
-        f"Low-shot accuracy (%), {dataset}: logistic regression on k labelled images per class, "
-        f"mean ± std over {len(cfg.seeds)} splits, {len(test_ds)} test images"
-    )
-    if percents:
-        title += "; p% columns: that share of every class"
-    if subset_files:
-        title += "; subset-file columns: one official split each (std 0)"
-    return lowshot_report(
-        model,
-        train_ds,
-        test_ds,
-        shots=list(cfg.shots or []),
-        seeds=list(cfg.seeds),
-        lambd=cfg.lambd if isinstance(cfg.lambd, (int, float)) else list(cfg.lambd),
-        batch_size=cfg.batch_size,
-        title=title,
-        output_dir=output_dir,
-        baseline_model=untrained_copy(model, seed) if cfg.random_init else None,
-        raw_pixels=cfg.raw_pixels,
-        cache=cache,
-        percents=percents,
-        subset_files=subset_files,
-        name=name,
-    )
+
+    shots: Sequence[int]
+    seeds: Sequence[int]
+    lambd: float | Sequence[float]
+    batch_size: int
+    random_init: bool
+    raw_pixels: bool
+    percents: Sequence[float] = ()
+    subset_files: Sequence[str] = ()
+    enabled: bool = True
+
+    def __post_init__(self) -> None:
+        # null in the yaml is an empty list.
+        self.shots = list(self.shots or [])
+        self.seeds = list(self.seeds or [])
+        self.percents = list(self.percents or [])
+        self.subset_files = [str(f) for f in self.subset_files or []]
+        super().__post_init__()
+
+    def problems(self) -> list[str]:
+        return lowshot_problems(self.shots, self.seeds, self.lambd, self.percents, self.subset_files)
+
+    def json_keys(self) -> list[str]:
+        """The keys of the columns of ``lowshot.json`` (:func:`lowshot_json_keys`)."""
+        return lowshot_json_keys(self.shots, self.percents, self.subset_files)
+
+    def __call__(self, run: EvalRun) -> str:
+        title = (
+            f"Low-shot accuracy (%), {run.dataset}: logistic regression on k labelled images per class, "
+            f"mean ± std over {len(self.seeds)} splits, {len(run.test_ds)} test images"  # type: ignore[arg-type]
+        )
+        if self.percents:
+            title += "; p% columns: that share of every class"
+        if self.subset_files:
+            title += "; subset-file columns: one official split each (std 0)"
+        # A fine-tuned checkpoint's encoder has seen labels: its row must not read as MSN's.
+        finetuned = run.checkpoint is not None and run.checkpoint.format == "finetuned"
+        model = run.model
+        return lowshot_report(
+            model,
+            run.train_ds,
+            run.test_ds,
+            shots=self.shots,
+            seeds=self.seeds,
+            lambd=self.lambd,
+            batch_size=self.batch_size,
+            title=title,
+            output_dir=run.output_dir,
+            baseline_model=untrained_copy(model, run.seed) if self.random_init else None,
+            raw_pixels=self.raw_pixels,
+            cache=run.cache,
+            percents=self.percents,
+            subset_files=self.subset_files,
+            name=FINETUNED_ROW if finetuned else MSN_ROW,
+        )
 
 
 def plot_lowshot(results: dict[str, Results], path: Path, title: str = "") -> Path:

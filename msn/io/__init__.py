@@ -1,7 +1,7 @@
 """Checkpoints in and out: the formats read (:mod:`.formats`), their key names (:mod:`.keys`),
 loading into models (:mod:`.load`) and export for other libraries (:mod:`.export`)."""
 
-from msn.io.formats import ENCODERS, FORMATS, Checkpoint, detect_format, read_checkpoint
+from msn.io.formats import ENCODERS, FORMATS, Checkpoint, detect_format, encoder_problems, read_checkpoint
 from msn.io.keys import hf_encoder_kwargs, hf_to_timm, infer_encoder_kwargs, timm_to_hf, vit_kwargs
 from msn.io.load import (
     build_encoder,
@@ -20,6 +20,7 @@ __all__ = [
     "build_encoder",
     "data_stats",
     "detect_format",
+    "encoder_problems",
     "hf_encoder_kwargs",
     "hf_to_timm",
     "infer_encoder_kwargs",

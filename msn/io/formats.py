@@ -46,12 +46,20 @@ from msn.io.keys import (
     split_encoder,
     strip_prefixes,
 )
+from msn.module import DEFAULT_ENCODER
 
 FORMATS = ("msn-lightning", "finetuned", "official", "hf", "timm")
 ENCODERS = ("target_encoder", "encoder")
 #: LayerNorm eps of our encoders (timm and the official code); HF's plain ViT default is 1e-12.
 LAYER_NORM_EPS = 1e-6
 HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+def encoder_problems(which: str | None) -> list[str]:
+    """What is wrong with an ``encoder`` choice: one of :data:`ENCODERS`, or None for the target's."""
+    if which is None or which in ENCODERS:
+        return []
+    return [f"encoder={which!r} is unknown; allowed: {', '.join(ENCODERS)} or null"]
 
 
 @dataclass
@@ -98,8 +106,8 @@ class Checkpoint:
         Raises:
             ValueError: ``which`` is unknown or not in this checkpoint.
         """
-        if which is not None and which not in ENCODERS:
-            raise ValueError(f"encoder={which!r} is unknown; allowed: {', '.join(ENCODERS)}")
+        if problems := encoder_problems(which):
+            raise ValueError(problems[0])
         if which is None:
             which = next(w for w in ENCODERS if w in self.encoders)
         if which not in self.encoders:
@@ -232,8 +240,6 @@ def _prefixed(state: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
 
 
 def _read_lightning(obj: Mapping[str, Any], path: Path) -> Checkpoint | None:
-    from msn.module import DEFAULT_ENCODER
-
     state, hparams = obj["state_dict"], dict(obj["hyper_parameters"])
     kwargs = {**DEFAULT_ENCODER, **dict(hparams.get("encoder") or {})}
     if "prototypes" in state and "target_encoder.cls_token" in state:

@@ -17,6 +17,7 @@ from msn import backbone
 from msn.backbone import build_vit
 from msn.data.transforms import default_mean_std
 from msn.io.formats import ENCODERS, Checkpoint, read_checkpoint
+from msn.module import MSNModule
 
 log = logging.getLogger("msn")
 _MAX_LISTED = 10
@@ -223,8 +224,6 @@ def msn_module(ckpt: Checkpoint, device: str | torch.device = "cpu", strict: boo
     """An :class:`~msn.module.MSNModule` (eval mode) around a checkpoint's encoders, for the
     evaluation modes of ``finetune.py``; built from ``hyper_parameters`` for our own pre-training
     checkpoints, else with a head and prototypes the size of the checkpoint's (small if none)."""
-    from msn.module import MSNModule
-
     if ckpt.format == "msn-lightning":
         model = MSNModule(**ckpt.hparams)
         init_msn_module(model, ckpt, strict=strict)

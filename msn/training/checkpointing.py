@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import random
@@ -33,6 +34,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 
+from msn.checks import is_int
 from msn.training.loggers import ResumableCSVLogger
 
 log = logging.getLogger(__name__)
@@ -270,18 +272,11 @@ class ResumeCheckpoint(ModelCheckpoint):
         save_last: bool | str = True,
         filename: str = "step{step:08d}",
     ) -> None:
-        for name, value, minimum in (
-            ("every_n_train_steps", every_n_train_steps, 1),
-            ("keep_last", keep_last, 0),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"ResumeCheckpoint {name} must be an integer >= {minimum}, got {value!r}")
-        if save_last not in (True, "link"):
-            raise ValueError(f"ResumeCheckpoint save_last must be true or 'link', got {save_last!r}")
-        if save_last == "link" and keep_last == 0:
-            raise ValueError(
-                "ResumeCheckpoint save_last='link' needs keep_last >= 1 (a step file to link to)"
-            )
+        problems = ResumeCheckpoint.problems(
+            every_n_train_steps=every_n_train_steps, keep_last=keep_last, save_last=save_last
+        )
+        if problems:
+            raise ValueError("; ".join(f"ResumeCheckpoint {p}" for p in problems))
         super().__init__(
             dirpath=dirpath,
             filename=filename,
@@ -296,6 +291,23 @@ class ResumeCheckpoint(ModelCheckpoint):
             enable_version_counter=False,
         )
         self.keep_last = keep_last
+
+    @staticmethod
+    def problems(**kwargs: Any) -> list[str]:
+        """Every problem of these constructor arguments (the missing ones take their defaults), named
+        as its config keys."""
+        given = inspect.signature(ResumeCheckpoint).bind_partial(**kwargs)
+        given.apply_defaults()
+        a = given.arguments
+        problems = []
+        for name, minimum in (("every_n_train_steps", 1), ("keep_last", 0)):
+            if not (is_int(a[name]) and a[name] >= minimum):
+                problems.append(f"{name}={a[name]} must be an integer >= {minimum}")
+        if a["save_last"] not in (True, "link"):
+            problems.append(f"save_last={a['save_last']!r} must be true or 'link'")
+        elif a["save_last"] == "link" and a["keep_last"] == 0:
+            problems.append("save_last='link' needs keep_last >= 1 (a step file to link to)")
+        return problems
 
     @property
     def state_key(self) -> str:

@@ -2,29 +2,29 @@
 
 Every rule names the key, the bad value and what is allowed, and all problems are reported at
 once, so a user fixes a config in one go instead of one crash at a time (possibly hours in).
-Besides types, ranges and cross-field rules it checks what the config asks of this machine: the
-devices exist and the output folder is writable.
+The rules of single values live with the objects that take them: the class a node's
+``_target_`` names (the model, the data module, each callback) lists what is wrong with its
+arguments in its ``problems`` function, looked up here without building anything. This module
+keeps the rules that relate nodes to each other, Lightning's trainer values and what the config
+asks of this machine: the devices exist, the output folder is writable, the files are there.
 """
 
 from __future__ import annotations
 
 import logging
-import signal
 import tempfile
 import typing
 from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.utils import get_object
 from lightning.fabric.connector import _PRECISION_INPUT
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
 
-from msn.backbone import PATCH_SIZES, VIT_SIZES
-from msn.data.folders import ON_BAD_IMAGE
-from msn.eval.reports import lowshot_json_keys
-from msn.masking import MASK_MODES
-from msn.training.guards import ON_NONFINITE
+from msn.backbone import PATCH_SIZES
+from msn.checks import ConfigError, is_int
+from msn.eval.reports import evaluation_problems, lowshot_json_keys
 
 log = logging.getLogger(__name__)
 
@@ -39,109 +39,52 @@ PRECISIONS: tuple[Any, ...] = tuple(_literal_values(_PRECISION_INPUT))
 # Data sets that come with the package (no folder to read).
 BUNDLED = ("digits",)
 
-DATASET_NAMES = ("digits", "fashion_mnist", "cifar10", "cifar100", "stl10", "imagefolder")
-
-
-class ConfigError(ValueError):
-    """The config is invalid; ``problems`` lists every rule it breaks."""
-
-    def __init__(self, problems: list[str]) -> None:
-        self.problems = problems
-        if len(problems) == 1:  # one line for one problem
-            super().__init__(f"invalid configuration: {problems[0]}")
-        else:
-            super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
-
-
-def error_message(err: Exception) -> str:
-    """The ``error: ...`` line of a command-line entry for a config problem or a missing value."""
-    if isinstance(err, MissingMandatoryValue):
-        return f"{err.full_key} is required (give {err.full_key}=...)"
-    return str(err)
-
 
 def _get(cfg: DictConfig, key: str, default: Any = None) -> Any:
     return OmegaConf.select(cfg, key, default=default)
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def _owner_problems(cfg: DictConfig, key: str) -> list[str]:
+    """What the class that node ``key`` builds finds wrong with its arguments, named by full keys.
+
+    The class is the node's ``_target_`` when it is one of this package's and has a ``problems``
+    function (the model, the data module, the callbacks); it is looked up, not instantiated.
+    """
+    node = _get(cfg, key)
+    target = node.get("_target_") if isinstance(node, DictConfig) else None
+    if not (isinstance(target, str) and target.startswith("msn.")):
+        return []
+    try:
+        owner = get_object(target)
+    except (ImportError, AttributeError, ValueError) as err:
+        return [f"{key}._target_={target!r} cannot be imported: {err}"]
+    check = getattr(owner, "problems", None)
+    if check is None:
+        return []
+    arguments = OmegaConf.to_container(node, resolve=True)
+    kwargs = {str(k): v for k, v in arguments.items() if not str(k).startswith("_")}  # type: ignore[union-attr]
+    try:
+        return [f"{key}.{p}" for p in check(**kwargs)]
+    except TypeError as err:  # a key the constructor does not take
+        return [f"{key}: {err}"]
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _range_problems(cfg: DictConfig) -> list[str]:
-    """Numbers of the model, data and trainer config outside their ranges."""
-    problems = []
-    for key in ("model.loss.temperature", "model.loss.sharpen_temperature"):
-        value = _get(cfg, key)
-        if value is not None and not (_is_number(value) and value > 0):
-            problems.append(f"{key}={value} must be a number > 0")
-    for key in (
-        "model.optim.start_lr",
-        "model.optim.ref_lr",
-        "model.optim.final_lr",
-        "model.optim.clip_grad",
-    ):
-        value = _get(cfg, key)
-        if value is not None and not (_is_number(value) and value >= 0):
-            problems.append(f"{key}={value} must be a number >= 0")
-    ema = _get(cfg, "model.ema")
-    if ema is not None and not (len(ema) == 2 and all(_is_number(m) and 0 <= m <= 1 for m in ema)):
-        problems.append(f"model.ema={list(ema)} must be [start, end] momentums in [0, 1]")
-    workers = _get(cfg, "data.num_workers")
-    if workers is not None and not (_is_int(workers) and workers >= -1):
-        problems.append(
-            f"data.num_workers={workers} must be an integer >= 0, or -1 for one per CPU core (max 8)"
-        )
+def _trainer_problems(cfg: DictConfig) -> list[str]:
+    """Values of Lightning's Trainer, which has no problems function of its own."""
     every = _get(cfg, "trainer.log_every_n_steps")
-    if every is not None and not (_is_int(every) and every >= 1):
-        problems.append(f"trainer.log_every_n_steps={every} must be an integer >= 1")
-    return problems
+    if every is not None and not (is_int(every) and every >= 1):
+        return [f"trainer.log_every_n_steps={every} must be an integer >= 1"]
+    return []
 
 
-def _reliability_problems(cfg: DictConfig) -> list[str]:
-    """Bad-image policy, checkpoint interval and the guards of configs/callbacks/default.yaml."""
-    problems = []
-    policy = _get(cfg, "data.on_bad_image")
-    if policy is not None and policy not in ON_BAD_IMAGE:
-        problems.append(f"data.on_bad_image={policy!r} is unknown; allowed: {', '.join(ON_BAD_IMAGE)}")
+def _callback_problems(cfg: DictConfig) -> list[str]:
+    """Each callback's own problems, and the resume checkpoint that preemption saves to."""
     callbacks = _get(cfg, "callbacks") or {}
-    resume = callbacks.get("resume_checkpoint")
-    if resume is not None:
-        for key, minimum in (("every_n_train_steps", 1), ("keep_last", 0)):
-            value = resume.get(key)
-            if value is not None and not (_is_int(value) and value >= minimum):
-                problems.append(f"callbacks.resume_checkpoint.{key}={value} must be an integer >= {minimum}")
-    preemption = callbacks.get("preemption")
-    if preemption is not None:
-        for name in preemption.get("signals") or []:
-            if not (isinstance(name, str) and name in signal.Signals.__members__):
-                problems.append(f"callbacks.preemption.signals: {name!r} is not a signal name (e.g. SIGTERM)")
-        if resume is None:
-            problems.append(
-                "callbacks.preemption needs callbacks.resume_checkpoint (the checkpoint it saves on a signal)"
-            )
-    nonfinite = callbacks.get("nonfinite")
-    if nonfinite is not None:
-        mode = nonfinite.get("on_nonfinite")
-        if mode not in ON_NONFINITE:
-            problems.append(
-                f"callbacks.nonfinite.on_nonfinite={mode!r} is unknown; allowed: {', '.join(ON_NONFINITE)}"
-            )
-        skips = nonfinite.get("max_consecutive_skips")
-        if skips is not None and not (_is_int(skips) and skips >= 0):
-            problems.append(f"callbacks.nonfinite.max_consecutive_skips={skips} must be an integer >= 0")
-    collapse = callbacks.get("collapse")
-    if collapse is not None:
-        fraction = collapse.get("min_fraction")
-        if fraction is not None and not (_is_number(fraction) and 0 <= fraction <= 1):
-            problems.append(f"callbacks.collapse.min_fraction={fraction} must be a number in [0, 1]")
-        patience = collapse.get("patience")
-        if patience is not None and not (_is_int(patience) and patience >= 1):
-            problems.append(f"callbacks.collapse.patience={patience} must be an integer >= 1")
+    problems = [p for name in callbacks for p in _owner_problems(cfg, f"callbacks.{name}")]
+    if callbacks.get("preemption") is not None and callbacks.get("resume_checkpoint") is None:
+        problems.append(
+            "callbacks.preemption needs callbacks.resume_checkpoint (the checkpoint it saves on a signal)"
+        )
     return problems
 
 
@@ -168,7 +111,7 @@ def _environment_problems(cfg: DictConfig) -> list[str]:
         devices = list(devices)
     if not (
         devices == "auto"
-        or (_is_int(devices) and (devices >= 1 or devices == -1))
+        or (is_int(devices) and (devices >= 1 or devices == -1))
         or isinstance(devices, list)
     ):
         problems.append(
@@ -182,16 +125,16 @@ def _environment_problems(cfg: DictConfig) -> list[str]:
                 f"trainer.accelerator={accelerator} but no CUDA GPU is visible on this machine; "
                 "use trainer=cpu (or trainer.accelerator=cpu)"
             )
-        elif _is_int(wanted) and wanted > visible:
+        elif is_int(wanted) and wanted > visible:
             problems.append(
                 f"trainer.devices={devices} but only {visible} GPU(s) are visible on this machine"
             )
-        elif isinstance(devices, list) and any(not _is_int(d) or not 0 <= d < visible for d in devices):
+        elif isinstance(devices, list) and any(not is_int(d) or not 0 <= d < visible for d in devices):
             problems.append(f"trainer.devices={devices}: the visible GPUs are 0..{visible - 1}")
     elif accelerator == "mps" and not torch.backends.mps.is_available():
         problems.append("trainer.accelerator=mps but MPS is not available on this machine")
     nodes = _get(cfg, "trainer.num_nodes", 1)
-    if not (_is_int(nodes) and nodes >= 1):
+    if not (is_int(nodes) and nodes >= 1):
         problems.append(f"trainer.num_nodes={nodes} must be an integer >= 1")
     output_dir = _get(cfg, "output_dir")
     if output_dir not in (None, ""):
@@ -215,21 +158,10 @@ def validate_config(cfg: DictConfig, environment: bool = True) -> None:
         if not ok:
             problems.append(msg)
 
-    arch = _get(cfg, "model.encoder.arch")
-    check(arch in VIT_SIZES, f"model.encoder.arch={arch!r} is unknown; allowed: {', '.join(VIT_SIZES)}")
+    problems += _owner_problems(cfg, "model") + _owner_problems(cfg, "data")
+
+    # Crops and patches: the data module's crops must cut into the model's patches.
     patch = _get(cfg, "model.encoder.patch_size")
-    check(patch in PATCH_SIZES, f"model.encoder.patch_size={patch} is not supported; allowed: {PATCH_SIZES}")
-
-    ratio = _get(cfg, "model.mask_ratio")
-    check(
-        isinstance(ratio, (int, float)) and 0.0 <= ratio < 1.0,
-        f"model.mask_ratio={ratio} must be a number in [0, 1)",
-    )
-    mode = _get(cfg, "model.mask_mode")
-    check(mode in MASK_MODES, f"model.mask_mode={mode!r} is unknown; allowed: {', '.join(MASK_MODES)}")
-    k = _get(cfg, "model.num_prototypes")
-    check(isinstance(k, int) and k >= 1, f"model.num_prototypes={k} must be an integer >= 1")
-
     rand_size = _get(cfg, "data.transform.rand_size")
     focal_size = _get(cfg, "data.transform.focal_size")
     focal_views = _get(cfg, "data.transform.focal_views", 0)
@@ -264,14 +196,7 @@ def validate_config(cfg: DictConfig, environment: bool = True) -> None:
                 f"(model.encoder.patch_size={patch}); use a larger focal crop or "
                 "data.transform.focal_views=0",
             )
-    rand_views = _get(cfg, "data.transform.rand_views", 1)
-    check(
-        isinstance(rand_views, int) and rand_views >= 1,
-        f"data.transform.rand_views={rand_views} must be >= 1",
-    )
-
     batch = _get(cfg, "data.batch_size")
-    check(isinstance(batch, int) and batch >= 1, f"data.batch_size={batch} must be an integer >= 1")
     if batch == 1 and _get(cfg, "model.head.use_bn", True):
         problems.append(
             "data.batch_size=1 with BatchNorm in the projection head (model.head.use_bn=true): batch "
@@ -279,7 +204,6 @@ def validate_config(cfg: DictConfig, environment: bool = True) -> None:
         )
 
     name = _get(cfg, "data.name")
-    check(name in DATASET_NAMES, f"data.name={name!r} is unknown; allowed: {', '.join(DATASET_NAMES)}")
     root = _get(cfg, "data.root")
     check(
         name not in BUNDLED or root in (None, ""),
@@ -300,7 +224,7 @@ def validate_config(cfg: DictConfig, environment: bool = True) -> None:
     epochs = _get(cfg, "trainer.max_epochs")
     steps = _get(cfg, "trainer.max_steps", -1)
     check(
-        _is_int(steps) and (steps == -1 or steps >= 1),
+        is_int(steps) and (steps == -1 or steps >= 1),
         f"trainer.max_steps={steps!r} must be -1 (no step limit) or an integer >= 1",
     )
     precision = _get(cfg, "trainer.precision", "32-true")
@@ -311,17 +235,8 @@ def validate_config(cfg: DictConfig, environment: bool = True) -> None:
         f"trainer.max_epochs={epochs} / trainer.max_steps={steps}: one of them must be >= 1",
     )
     if _get(cfg, "lowshot.enabled", False):
-        shots = _get(cfg, "lowshot.shots") or []
-        check(
-            len(shots) > 0 and all(isinstance(s, int) and s >= 1 for s in shots),
-            f"lowshot.shots={list(shots)} must be a non-empty list of integers >= 1",
-        )
-        lambd = _get(cfg, "lowshot.lambd")
-        lambdas = list(lambd) if isinstance(lambd, ListConfig) else [lambd]
-        check(
-            len(lambdas) > 0 and all(isinstance(v, (int, float)) and v > 0 for v in lambdas),
-            f"lowshot.lambd={lambd} must be a number > 0 or a non-empty list of them",
-        )
+        # The rules of the lowshot.* values live with the evaluation they build.
+        problems += evaluation_problems("lowshot", cfg.lowshot)
 
     metric = cfg.get("optimized_metric")
     if metric is not None:
@@ -339,8 +254,8 @@ def validate_config(cfg: DictConfig, environment: bool = True) -> None:
                 f"optimized_metric={str(metric)!r} is not a low-shot column; allowed: {', '.join(columns)}"
             )
 
-    problems += _range_problems(cfg)
-    problems += _reliability_problems(cfg)
+    problems += _trainer_problems(cfg)
+    problems += _callback_problems(cfg)
     if environment:
         problems += _environment_problems(cfg)
     if problems:

@@ -16,6 +16,7 @@ Each stop raises a :class:`TrainingAborted` subclass, which ``train.py`` reports
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import os
@@ -31,7 +32,8 @@ import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_warn
 
-from msn.eval.online import PrototypeCollapseWarning
+from msn.checks import is_int
+from msn.eval.online import CollapseRule
 from msn.training.checkpointing import ResumeCheckpoint
 
 log = logging.getLogger(__name__)
@@ -76,11 +78,12 @@ def _last_checkpoint_note(trainer: L.Trainer) -> str:
 
 
 # ------------------------------------------------------------------------------------------ preemption
-def _signal_number(sig: str | int | signal.Signals) -> signal.Signals:
+def _signal_number(sig: Any) -> signal.Signals | None:
+    """The signal named (or numbered) ``sig``; None when there is none."""
     try:
         return signal.Signals[sig] if isinstance(sig, str) else signal.Signals(sig)
-    except (KeyError, ValueError):
-        raise ValueError(f"unknown signal {sig!r}; e.g. SIGTERM, SIGUSR1") from None
+    except (KeyError, ValueError, TypeError):
+        return None
 
 
 def _cluster_environment(trainer: L.Trainer) -> Any:
@@ -138,6 +141,9 @@ class PreemptionHandler(L.Callback):
     """
 
     def __init__(self, signals: Sequence[str | int] = ("SIGTERM", "SIGUSR1", "SIGINT")) -> None:
+        problems = PreemptionHandler.problems(signals=signals)
+        if problems:
+            raise ValueError("; ".join(problems))
         self.signals = [_signal_number(s) for s in signals]
         self._received: int | None = None
         self._active = False
@@ -145,6 +151,14 @@ class PreemptionHandler(L.Callback):
         self.preempted_by: str | None = None
         self.saved_step: int | None = None
         self.requeued = False
+
+    @staticmethod
+    def problems(**kwargs: Any) -> list[str]:
+        """Every problem of these constructor arguments, named as its config keys."""
+        given = inspect.signature(PreemptionHandler).bind_partial(**kwargs)
+        given.apply_defaults()
+        unknown = [n for n in given.arguments["signals"] or () if _signal_number(n) is None]
+        return [f"signals: {n!r} is not a signal name (e.g. SIGTERM)" for n in unknown]
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         # Only a flag: a signal handler runs between two bytecodes of the step, where neither a
@@ -289,17 +303,29 @@ class NonFiniteGuard(L.Callback):
     """
 
     def __init__(self, on_nonfinite: str = "stop", max_consecutive_skips: int = 10) -> None:
-        if on_nonfinite not in ON_NONFINITE:
-            raise ValueError(f"on_nonfinite must be one of {list(ON_NONFINITE)}, got {on_nonfinite!r}")
-        if isinstance(max_consecutive_skips, bool) or not isinstance(max_consecutive_skips, int):
-            raise ValueError(f"max_consecutive_skips must be an integer >= 0, got {max_consecutive_skips!r}")
-        if max_consecutive_skips < 0:
-            raise ValueError(f"max_consecutive_skips must be an integer >= 0, got {max_consecutive_skips!r}")
+        problems = NonFiniteGuard.problems(
+            on_nonfinite=on_nonfinite, max_consecutive_skips=max_consecutive_skips
+        )
+        if problems:
+            raise ValueError("; ".join(problems))
         self.on_nonfinite = on_nonfinite
         self.max_consecutive_skips = max_consecutive_skips
         self.skipped_steps: list[int] = []
         self._consecutive = 0
         self._loss: torch.Tensor | None = None
+
+    @staticmethod
+    def problems(**kwargs: Any) -> list[str]:
+        """Every problem of these constructor arguments, named as its config keys."""
+        given = inspect.signature(NonFiniteGuard).bind_partial(**kwargs)
+        given.apply_defaults()
+        mode, skips = given.arguments["on_nonfinite"], given.arguments["max_consecutive_skips"]
+        problems = []
+        if mode not in ON_NONFINITE:
+            problems.append(f"on_nonfinite={mode!r} is unknown; allowed: {', '.join(ON_NONFINITE)}")
+        if not (is_int(skips) and skips >= 0):
+            problems.append(f"max_consecutive_skips={skips} must be an integer >= 0")
+        return problems
 
     def on_before_backward(
         self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor
@@ -352,8 +378,9 @@ class CollapseMonitor(L.Callback):
 
     At every logging step (``trainer.log_every_n_steps``) it reads the logged metric
     ``train/num_prototypes_used``, the number of distinct prototypes that are the most likely
-    target of at least one image of the batch, and compares it with ``min_fraction`` of what the
-    batch can reach, ``min(K, batch size)``. ``patience`` low readings in a row raise one
+    target of at least one image of the batch, out of what the batch can reach, ``min(K, batch
+    size)``; :class:`~msn.eval.online.CollapseRule` decides and words the collapse: ``patience``
+    readings below ``min_fraction`` in a row raise one
     :class:`~msn.eval.online.PrototypeCollapseWarning` (again only after a recovery), or
     :class:`PrototypeCollapseError` with ``stop=True``.
 
@@ -371,49 +398,51 @@ class CollapseMonitor(L.Callback):
         stop: bool = False,
         metric: str = "train/num_prototypes_used",
     ) -> None:
-        if isinstance(min_fraction, bool) or not isinstance(min_fraction, (int, float)):
-            raise ValueError(f"min_fraction must be a number in [0, 1], got {min_fraction!r}")
-        if not 0.0 <= min_fraction <= 1.0:
-            raise ValueError(f"min_fraction must be a number in [0, 1], got {min_fraction!r}")
-        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
-            raise ValueError(f"patience must be an integer >= 1, got {patience!r}")
+        problems = CollapseMonitor.problems(min_fraction=min_fraction, patience=patience)
+        if problems:
+            raise ValueError("; ".join(problems))
         self.min_fraction = float(min_fraction)
         self.patience = patience
         self.stop = bool(stop)
         self.metric = metric
-        self.low_streak = 0
+        self.rule = CollapseRule(self.min_fraction, patience)
         self.warnings: list[str] = []
-        self._warned = False
+
+    @staticmethod
+    def problems(**kwargs: Any) -> list[str]:
+        """Every problem of these constructor arguments, named as its config keys."""
+        given = inspect.signature(CollapseMonitor).bind_partial(**kwargs)
+        given.apply_defaults()
+        a = given.arguments
+        return CollapseRule.problems(a["min_fraction"], a["patience"], fraction_key="min_fraction")
+
+    @property
+    def low_streak(self) -> int:
+        """Low readings in a row so far."""
+        return self.rule.low_streak
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self.min_fraction == 0 or trainer.global_step % trainer.log_every_n_steps != 0:
+        if trainer.global_step % trainer.log_every_n_steps != 0:
             return
         value = trainer.callback_metrics.get(self.metric)
         if value is None or not math.isfinite(float(value)):
             return
-        used = float(value)
-        num_prototypes = int(pl_module.prototypes.shape[0])
         batch_size = int(batch[0][0].shape[0])  # (views, labels): rows of the target view
-        reachable = min(num_prototypes, batch_size)
-        if used >= self.min_fraction * reachable:
-            self.low_streak, self._warned = 0, False
-            return
-        self.low_streak += 1
-        if self.low_streak < self.patience or self._warned:
-            return
-        self._warned = True
-        message = (
-            f"PROTOTYPE COLLAPSE at step {trainer.global_step}: the targets of the last {self.low_streak} "
-            f"logged batches used only {used:g} of K={num_prototypes} prototypes (< {self.min_fraction:g} x "
-            f"{reachable}). Try a lower model.optim.ref_lr, a larger data.batch_size, Sinkhorn "
-            "(model.loss.sinkhorn_iterations=3) or a larger model.loss.me_max_weight."
+        message = self.rule.check(
+            float(value),
+            int(pl_module.prototypes.shape[0]),
+            batch_size,
+            f"at step {trainer.global_step}",
+            f"the targets of the last {self.patience} logged batches used",  # reported at the patience-th
         )
+        if message is None:
+            return
         self.warnings.append(message)
         if self.stop:
             raise PrototypeCollapseError(
                 f"{message} Stopped (callbacks.collapse.stop=true); {_last_checkpoint_note(trainer)}."
             )
-        rank_zero_warn(message, category=PrototypeCollapseWarning)
+        self.rule.warn(message)
         log.warning(message)

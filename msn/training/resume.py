@@ -16,9 +16,9 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from msn.checks import ConfigError
 from msn.io.formats import read_checkpoint
 from msn.training.checkpointing import checkpoint_is_complete
-from msn.training.config import ConfigError
 
 log = logging.getLogger("msn")
 

@@ -1,18 +1,24 @@
 """finetune.py mode=lowshot: loading checkpoints, bad input, the report."""
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from PIL import Image
 
+from msn.checks import ConfigError
 from msn.cli.common import CONFIG_DIR
-from msn.cli.evaluate import evaluate, load_checkpoint
+from msn.cli.evaluate import evaluate, evaluation_modes, load_checkpoint
+from msn.eval.finetune import FineTuneEvaluation
+from msn.eval.knn import KnnEvaluation
+from msn.eval.linear_probe import LinearProbeEvaluation
+from msn.eval.reports import EvalRun, Evaluation, LowShotEvaluation, build_evaluation
 from msn.module import MSNModule
-from msn.training.config import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +104,9 @@ def test_channel_mismatch_and_unknown_mode(ckpt, tmp_path):
     allowed = "cls_prenorm, cls, avgpool, last4"
     with pytest.raises(ConfigError, match=f"features='last7' is unknown; allowed: {allowed}"):
         evaluate(_cfg(tmp_path, f"ckpt={ckpt[0]}", "features=last7"))
-    with pytest.raises(ConfigError, match="mode='dance' is not available; allowed: lowshot, knn, linear"):
+    with pytest.raises(
+        ConfigError, match="mode='dance' is not available; allowed: lowshot, knn, linear, finetune$"
+    ):
         evaluate(_cfg(tmp_path, f"ckpt={ckpt[0]}", "mode=dance"))
 
 
@@ -170,3 +178,78 @@ def test_feature_kind_override_changes_features(ckpt, tmp_path):
     entries = [np.load(p)["test_x"] for p in sorted(cache.glob("*.npz"))]
     assert len(entries) == 2  # two feature kinds, two cache entries
     assert entries[0].shape == entries[1].shape and not np.allclose(entries[0], entries[1])
+
+
+@pytest.mark.parametrize(
+    ("mode", "cls"),
+    [
+        ("lowshot", LowShotEvaluation),
+        ("knn", KnnEvaluation),
+        ("linear", LinearProbeEvaluation),
+        ("finetune", FineTuneEvaluation),
+    ],
+)
+def test_each_evaluation_is_built_from_its_yaml(tmp_path, mode, cls):
+    cfg = _cfg(tmp_path, "ckpt=x")
+    evaluation = build_evaluation(mode, cfg[mode])
+    assert type(evaluation) is cls
+    values = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "eval" / f"{mode}.yaml"))
+    values.pop("_target_")
+    if mode == "lowshot":  # as _cfg sets them
+        values.update(shots=[1, 2], seeds=[0, 1])
+    assert {key: getattr(evaluation, key) for key in values} == values
+
+
+def test_bad_values_are_all_reported_before_the_checkpoint_is_read(tmp_path):
+    missing = tmp_path / "no_such.ckpt"  # never opened: FileNotFoundError if it were
+    cfg = _cfg(tmp_path, f"ckpt={missing}", "mode=knn", "knn.k=0", "knn.temperature=-1", "features=last7")
+    with pytest.raises(ConfigError) as err:
+        evaluate(cfg)
+    assert err.value.problems == [
+        "features='last7' is unknown; allowed: cls_prenorm, cls, avgpool, last4",
+        "knn.k=0 must be an integer >= 1",
+        "knn.temperature=-1 must be > 0",
+    ]
+    with pytest.raises(ConfigError) as err:
+        evaluate(
+            _cfg(tmp_path, f"ckpt={missing}", "lowshot.shots=[0]", "lowshot.seeds=[]", "lowshot.lambd=0")
+        )
+    assert len(err.value.problems) == 3 and "lowshot.shots=[0]" in err.value.problems[0]
+    with pytest.raises(ConfigError, match=r"linear.epochs=0 must be >= 1"):
+        evaluate(_cfg(tmp_path, f"ckpt={missing}", "mode=linear", "linear.epochs=0"))
+    with pytest.raises(ConfigError, match=r"knn: .*unexpected keyword argument 'kk'"):
+        evaluate(_cfg(tmp_path, f"ckpt={missing}", "mode=knn", "+knn.kk=3"))
+
+
+@dataclass
+class Echo(Evaluation):
+    """A new evaluation, known to finetune.py by its yaml and one defaults entry alone."""
+
+    word: str
+
+    def problems(self) -> list[str]:
+        return [] if self.word else ["echo.word must not be empty"]
+
+    def __call__(self, run: EvalRun) -> str:
+        run.output_dir.mkdir(parents=True, exist_ok=True)
+        (run.output_dir / "echo.json").write_text(json.dumps({"word": self.word}))
+        feats = run.model.features(torch.stack([run.test_ds[i][0] for i in range(2)]))
+        return f"echo {self.word}: {len(run.train_ds)} train images, features {tuple(feats.shape)}"
+
+
+def test_a_new_evaluation_needs_a_yaml_and_a_defaults_entry_only(ckpt, tmp_path, caplog):
+    configs = tmp_path / "configs"
+    (configs / "eval").mkdir(parents=True)
+    (configs / "eval" / "echo.yaml").write_text(f"_target_: {__name__}.Echo\nword: hello\n")
+    registry = [f"hydra.searchpath=[file://{configs}]", "+eval@echo=echo"]  # the registry line
+    cfg = _cfg(tmp_path / "out", f"ckpt={ckpt[0]}", *registry, "mode=echo", "echo.word=hi")
+    assert evaluation_modes(cfg) == ["lowshot", "knn", "linear", "finetune", "echo"]
+    with caplog.at_level("INFO", logger="msn"):
+        out = evaluate(cfg)
+    assert out["report"] == "echo hi: 1347 train images, features (2, 96)"
+    assert json.loads((tmp_path / "out" / "echo.json").read_text()) == {"word": "hi"}
+    assert f"results in {tmp_path / 'out'}" in caplog.text
+    with pytest.raises(ConfigError, match="echo.word must not be empty"):
+        evaluate(_cfg(tmp_path, f"ckpt={ckpt[0]}", *registry, "mode=echo", "echo.word="))
+    with pytest.raises(ConfigError, match="allowed: lowshot, knn, linear, finetune, echo$"):
+        evaluate(_cfg(tmp_path, f"ckpt={ckpt[0]}", *registry, "mode=echoes"))

@@ -11,11 +11,11 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from msn.backbone import extract
+from msn.checks import ConfigError
 from msn.cli.common import CONFIG_DIR
 from msn.cli.extract import output_paths, run_extract
 from msn.data.folders import list_images
 from msn.data.transforms import eval_transform
-from msn.training.config import ConfigError
 
 
 def _run(*overrides):

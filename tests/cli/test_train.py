@@ -9,11 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from hydra.utils import instantiate
 from PIL import Image
 
-from msn.cli.train import objective_value
-from msn.training.config import ConfigError
-from tests.helpers import FAST
+from msn.checks import ConfigError
+from msn.cli.train import objective_value, run_lowshot
+from msn.eval.reports import EvalRun, LowShotEvaluation, build_evaluation
+from tests.helpers import FAST, composed, tiny_module
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -119,6 +121,25 @@ def test_multirun_sweep_writes_one_dir_per_job(tmp_path):
         assert f"model.mask_ratio={ratio}" in row and row.endswith(f"| {score:.1f} |")
 
 
+def test_end_of_training_table_is_the_lowshot_evaluation(tmp_path, monkeypatch):
+    cfg = composed("train", "lowshot.shots=[1,2]", "lowshot.seeds=[0]", f"output_dir={tmp_path}")
+    datamodule = instantiate(cfg.data, _convert_="all")
+    model = tiny_module().eval()
+    runs = []
+    call = LowShotEvaluation.__call__
+    monkeypatch.setattr(LowShotEvaluation, "__call__", lambda self, run: runs.append(run) or call(self, run))
+    table = run_lowshot(model, datamodule, cfg, tmp_path / "train")
+    assert len(runs) == 1 and runs[0].model is model and runs[0].cache is None
+    assert table.splitlines()[0].startswith("Low-shot accuracy (%), digits:")
+    # What finetune.py mode=lowshot prints for the same model, from the same config node.
+    train_ds, test_ds = datamodule.eval_datasets()
+    run = EvalRun(train_ds, test_ds, dataset="digits", output_dir=tmp_path / "again", preloaded=model)
+    assert build_evaluation("lowshot", cfg.lowshot)(run) == table
+    assert (tmp_path / "train" / "lowshot.json").read_text() == (
+        tmp_path / "again" / "lowshot.json"
+    ).read_text()
+
+
 def test_objective_value_reads_the_msn_row_of_the_lowshot_table():
     table = {
         "MSN target encoder": {"1": {"mean": 41.5, "std": 2.0, "lambd": 0.0025}, "10%": {"mean": 70.0}},
@@ -181,7 +202,7 @@ def _bad_folders(root: Path) -> dict[str, Path]:
         ("texts", "data: no images found under"),
         ("empty_classes", "data: no images found under"),
         ("png_ckpt", "is not a readable PyTorch checkpoint"),
-        ("misspelt", "model: MSNModule.__init__() got an unexpected keyword argument 'mask_rato'"),
+        ("misspelt", "model: got an unexpected keyword argument 'mask_rato'"),
         ("run_dir", "hydra.run.dir='/proc/no/such' is not writable"),
         ("finetune_without_ckpt", "ckpt is required (give ckpt=...)"),
     ],

@@ -188,6 +188,21 @@ def test_transform_is_picklable_and_accepts_listconfig() -> None:
 def test_transform_validation(kwargs: dict, key: str) -> None:
     with pytest.raises(ValueError, match=rf"^{key} "):
         MultiViewTransform(**kwargs)
+    ((problem,),) = [MultiViewTransform.problems(**kwargs)]  # what the constructor says, one message
+    assert problem.startswith(f"{key} ")
+
+
+def test_transform_problems_are_all_reported_at_once() -> None:
+    assert MultiViewTransform.problems() == [] and MultiViewTransform.problems(**SMALL, in_chans=1) == []
+    assert MultiViewTransform.problems(rand_views=0, hflip_p=2, in_chans=1, mean=(0.5, 0.5)) == [
+        "rand_views must be an integer >= 1, got 0",
+        "hflip_p must be a probability in [0, 1], got 2",
+        "mean must have one entry per channel (in_chans=1), got 2 entries: (0.5, 0.5)",
+    ]
+    with pytest.raises(ValueError, match="^rand_size must be an integer >= 1, got 0; focal_views must"):
+        MultiViewTransform(rand_size=0, focal_views=-1)
+    with pytest.raises(TypeError):
+        MultiViewTransform.problems(bogus=1)
 
 
 def test_eval_transform_validation() -> None:
@@ -474,6 +489,28 @@ def test_datamodule_unlabeled_eval_raises(tmp_path: Path) -> None:
 def test_datamodule_validation(kwargs: dict, key: str) -> None:
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         MSNDataModule(**kwargs)
+    # The constructor reports its problems function's findings, which name keys relative to data.
+    assert all(p.startswith(key.removeprefix("data.")) for p in MSNDataModule.problems(**kwargs))
+
+
+def test_datamodule_problems_are_the_data_node_rules() -> None:
+    assert MSNDataModule.problems() == []
+    assert MSNDataModule.problems(
+        name="mnist3d", num_workers=-2, on_bad_image="ignore", transform={"rand_views": 0}
+    ) == [
+        "name='mnist3d' is unknown; allowed: digits, fashion_mnist, cifar10, cifar100, stl10, imagefolder",
+        "num_workers=-2 must be an integer >= 0, or -1 for one per CPU core (max 8)",
+        "on_bad_image='ignore' is unknown; allowed: skip, raise",
+        "transform.rand_views must be an integer >= 1, got 0",
+    ]
+    # The transform takes the module's channels: a bad in_chans is reported once, for data.
+    assert MSNDataModule.problems(in_chans=2, transform={"rand_views": 0}) == [
+        "in_chans must be one of (1, 3), got 2"
+    ]
+    assert MSNDataModule.problems(name="imagefolder", augment_on="device") == [
+        "augment_on=device with data.name=imagefolder needs data.load_size (e.g. 256): the images are "
+        "resized to one square size in the workers before batching"
+    ]
 
 
 def test_datamodule_batch_larger_than_dataset(tmp_path: Path) -> None:
@@ -553,9 +590,7 @@ def test_bad_images_raise_on_request(tmp_path: Path) -> None:
     with pytest.raises(BadImageError, match=r"truncated\.jpg.*data\.on_bad_image=skip"):
         ds[names.index("truncated.jpg")]
     assert ds[names.index("good0.png")][0].mode == "RGB"
-    with pytest.raises(
-        ValueError, match=r"data\.on_bad_image must be one of \['skip', 'raise'\], got 'ignore'"
-    ):
+    with pytest.raises(ValueError, match=r"^data\.on_bad_image='ignore' is unknown; allowed: skip, raise$"):
         MSNDataModule(name="imagefolder", root=str(root), on_bad_image="ignore")
 
 

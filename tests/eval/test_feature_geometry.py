@@ -92,8 +92,8 @@ def test_too_many_shots_fail_before_the_encoder_runs(pretrained, monkeypatch):
 
 
 def test_a_checkpoint_for_other_channels_is_refused_as_by_finetune_py(tmp_path, monkeypatch):
+    from msn.checks import ConfigError
     from msn.module import MSNModule
-    from msn.training.config import ConfigError
     from tests.artefacts import ENCODER, HEAD, NUM_PROTOTYPES
 
     rgb = MSNModule(encoder={**ENCODER, "in_chans": 3}, head=HEAD, num_prototypes=NUM_PROTOTYPES)

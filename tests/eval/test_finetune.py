@@ -12,13 +12,13 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from PIL import Image
 
+from msn.checks import ConfigError
 from msn.cli.common import CONFIG_DIR
 from msn.cli.evaluate import evaluate
 from msn.eval.finetune import FineTuneModule, _posterize, classify, label_subset, train_transform
 from msn.eval.lowshot import sample_k_per_class
 from msn.eval.splits import sample_percent_per_class
 from msn.io import read_checkpoint
-from msn.training.config import ConfigError
 from tests.artefacts import ENCODER, official_dict, timm_vit
 
 X = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(2))

@@ -11,7 +11,14 @@ import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 
 from msn.data import MSNDataModule
-from msn.eval.online import JSONL_NAME, OnlineEvalCallback, PrototypeCollapseWarning, _subsample
+from msn.eval.online import (
+    JSONL_NAME,
+    CollapseRule,
+    OnlineEvalCallback,
+    OnlineEvalResult,
+    PrototypeCollapseWarning,
+    _subsample,
+)
 from msn.module import MSNModule
 
 K = 8
@@ -145,6 +152,32 @@ def test_collapse_warning(tmp_path):
     assert record["num_used"] == 1 and record["counts"][0] == 40
 
 
+def test_collapse_rule_reports_a_collapse_once_until_it_recovers():
+    rule = CollapseRule(0.5, patience=2)  # low: fewer than 0.5 x min(K=8, 6 images) = 3 used
+    messages = [rule.check(used, 8, 6, f"at {i}", "saw") for i, used in enumerate([2, 2, 1, 2, 3, 1, 1])]
+    assert [i for i, m in enumerate(messages) if m] == [1, 6]  # second low reading in a row; again after 4
+    assert messages[1].startswith("PROTOTYPE COLLAPSE at 1: saw only 2 of K=8 prototypes (< 0.5 x 6).")
+    assert CollapseRule(0.0).check(0, 8, 6, "now", "saw") is None  # 0 never reports
+    assert CollapseRule.problems(1.5, 0, fraction_key="min_fraction") == [
+        "min_fraction=1.5 must be a number in [0, 1]",
+        "patience=0 must be an integer >= 1",
+    ]
+
+
+def test_repeated_collapsed_evaluations_warn_once():
+    cb = OnlineEvalCallback(collapse_fraction=0.5)
+    collapsed = OnlineEvalResult(knn=0.0, lowshot={}, counts=[40] + [0] * 7, num_train=50, num_test=40)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for epoch in range(3):
+            cb._check_collapse(collapsed, epoch)
+    ours = [str(w.message) for w in caught if w.category is PrototypeCollapseWarning]
+    assert len(ours) == 1 and ours[0].startswith(
+        "PROTOTYPE COLLAPSE after epoch 0: the target network assigns the 40 evaluated test images to only 1 "
+        "of K=8 prototypes (< 0.5 x 8)."
+    )
+
+
 class UnlabeledDigits(MSNDataModule):
     def eval_datasets(self):
         raise ValueError("evaluation needs labels")
@@ -210,6 +243,8 @@ def test_bad_arguments_raise(kwargs):
     name = next(iter(kwargs))
     with pytest.raises(ValueError, match=name):
         OnlineEvalCallback(**kwargs)
+    ((problem,),) = [OnlineEvalCallback.problems(**kwargs)]  # the constructor's rules, one message each
+    assert problem.startswith(name)
 
 
 def test_schedule_and_list_config_arguments():

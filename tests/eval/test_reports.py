@@ -11,9 +11,18 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torch.utils.data import Subset, TensorDataset
 
+from msn.checks import ConfigError
+from msn.cli.common import CONFIG_DIR
 from msn.data import build_dataset, eval_transform
 from msn.eval.lowshot import format_table
-from msn.eval.reports import lowshot_from_config, lowshot_json_keys, lowshot_report, plot_lowshot
+from msn.eval.reports import (
+    EvalRun,
+    LowShotEvaluation,
+    build_evaluation,
+    lowshot_json_keys,
+    lowshot_report,
+    plot_lowshot,
+)
 from msn.eval.splits import dataset_file_paths
 
 
@@ -42,18 +51,16 @@ def blob_dataset(n_classes: int, per_class: int, seed: int) -> TensorDataset:
 
 
 def _cfg(**overrides):
-    base = {
-        "enabled": True,
-        "shots": [1, 2],
-        "seeds": [0, 1],
-        "lambd": 0.0025,
-        "percents": [],
-        "subset_files": [],
-        "batch_size": 16,
-        "random_init": False,
-        "raw_pixels": True,
-    }
-    return OmegaConf.create({**base, **overrides})
+    """configs/eval/lowshot.yaml with small settings and ``overrides``."""
+    base = OmegaConf.load(CONFIG_DIR / "eval" / "lowshot.yaml")
+    small = {"shots": [1, 2], "seeds": [0, 1], "batch_size": 16, "random_init": False}
+    return OmegaConf.merge(base, small, overrides)
+
+
+def lowshot_from_config(model, train, test, cfg, *, dataset, seed, output_dir):
+    """The low-shot evaluation of ``cfg`` run on ``model`` (held in memory, as train.py's)."""
+    run = EvalRun(train, test, dataset=dataset, output_dir=output_dir, seed=seed, preloaded=model)
+    return build_evaluation("lowshot", cfg)(run)
 
 
 def _header(table: str) -> list[str]:
@@ -228,3 +235,38 @@ def test_only_the_k_shot_pool_of_the_train_split_is_encoded(tmp_path):
     expected = lowshot_eval_splits(full_x, y.numpy(), test_x, test.tensors[1].numpy(), splits, [0.1])[0.1]
     for column, key in (("k=1", "1"), ("k=2", "2")):
         assert payload[key]["mean"] == pytest.approx(expected[column][0], abs=1e-9)
+
+
+def test_lowshot_evaluation_is_built_from_its_yaml():
+    evaluation = build_evaluation("lowshot", OmegaConf.load(CONFIG_DIR / "eval" / "lowshot.yaml"))
+    assert isinstance(evaluation, LowShotEvaluation)
+    assert (evaluation.shots, evaluation.seeds, evaluation.lambd) == ([1, 2, 5], [0, 1, 2], 0.0025)
+    assert evaluation.random_init and evaluation.raw_pixels and evaluation.enabled
+    assert evaluation.json_keys() == ["1", "2", "5"]
+    # null lists are empty ones
+    assert build_evaluation("lowshot", _cfg(percents=None, subset_files=None)).percents == []
+
+
+def test_lowshot_evaluation_reports_every_problem_at_once():
+    with pytest.raises(ConfigError) as err:
+        LowShotEvaluation(
+            shots=[0, 2],
+            seeds=[],
+            lambd=[0.1, -1],
+            batch_size=8,
+            random_init=False,
+            raw_pixels=False,
+            percents=[150],
+        )
+    assert err.value.problems == [
+        "lowshot.shots=[0, 2] must be a non-empty list of integers >= 1",
+        "lowshot.lambd=[0.1, -1] must be a number > 0 or a non-empty list of them",
+        "lowshot.seeds must be non-empty",
+        "percent (lowshot.percents) must be a number in (0, 100], got 150",
+    ]
+    with pytest.raises(ConfigError, match="nothing to evaluate"):
+        build_evaluation("lowshot", _cfg(shots=[]))
+    build_evaluation("lowshot", _cfg(shots=[], percents=[10]))  # percents alone are a table
+    # a misspelt key names the config node
+    with pytest.raises(ConfigError, match="lowshot: .*unexpected keyword argument 'shot'"):
+        build_evaluation("lowshot", OmegaConf.merge(_cfg(), {"shot": [1]}))

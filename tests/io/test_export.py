@@ -11,12 +11,12 @@ import torch
 from hydra import compose, initialize_config_dir
 from timm.models.vision_transformer import VisionTransformer
 
+from msn.checks import ConfigError
 from msn.cli.common import CONFIG_DIR
 from msn.cli.export import export
 from msn.eval.finetune import classify
 from msn.io import init_msn_module, read_checkpoint
 from msn.module import MSNModule
-from msn.training.config import ConfigError
 from tests.artefacts import (
     finetuned_checkpoint,
     hidden_states,

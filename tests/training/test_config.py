@@ -6,8 +6,9 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from msn.checks import ConfigError
 from msn.cli.common import CONFIG_DIR
-from msn.training.config import ConfigError, validate_config
+from msn.training.config import validate_config
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 # (arch, patch, mask ratio, epochs) of the paper recipes
@@ -74,10 +75,6 @@ def test_paper_recipes_match_reference(experiment, tmp_path):
             ["data.transform.focal_views=2", "data.transform.focal_size=2"],
             "data.transform.focal_size=2 is smaller than one patch (model.encoder.patch_size=8); use a "
             "larger focal crop or data.transform.focal_views=0",
-        ),
-        (
-            ["data.transform.rand_size=3"],
-            "data.transform.rand_size=3 is smaller than one patch (model.encoder.patch_size=8)",
         ),
         (["model.num_prototypes=0"], "model.num_prototypes=0 must be an integer >= 1"),
         (["trainer.max_steps=-5"], "trainer.max_steps=-5 must be -1 (no step limit) or an integer >= 1"),
@@ -242,6 +239,48 @@ def test_lambda_sweep_is_valid():
 
 def test_batch_size_one_is_fine_without_batchnorm():
     validate_config(_compose(["data.batch_size=1", "model.head.use_bn=false"]))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "messages"),
+    [
+        # model.encoder.img_size follows the crop size: the encoder's own rule and the crop rule.
+        (
+            ["data.transform.rand_size=3"],
+            [
+                "model.encoder.img_size=3 is smaller than one patch (patch_size=8)",
+                "data.transform.rand_size=3 is smaller than one patch (model.encoder.patch_size=8)",
+            ],
+        ),
+        (
+            ["data.transform.rand_views=0"],
+            [
+                "model.rand_views=0 must be an integer >= 1",
+                "data.transform.rand_views must be an integer >= 1, got 0",
+            ],
+        ),
+        # Rules that only the constructors knew of are reported before anything is built too.
+        (["model.head.out_dim=0"], ["model.head.out_dim=0 must be an integer >= 1"]),
+        (["+model.foo=1"], ["model: got an unexpected keyword argument 'foo'"]),
+        (
+            ["+data.train_split=val"],
+            ["data.train_split must be one of ['train', 'test', 'all'] for 'digits', got 'val'"],
+        ),
+        (["data.transform.blur_p=2"], ["data.transform.blur_p must be a probability in [0, 1], got 2"]),
+        (
+            ["callbacks.resume_checkpoint.save_last=link", "callbacks.resume_checkpoint.keep_last=0"],
+            ["callbacks.resume_checkpoint.save_last='link' needs keep_last >= 1 (a step file to link to)"],
+        ),
+        (
+            ["callbacks=online_eval", "callbacks.online_eval.collapse_fraction=2"],
+            ["callbacks.online_eval.collapse_fraction=2 must be a number in [0, 1]"],
+        ),
+    ],
+)
+def test_owners_report_their_rules(overrides, messages):
+    with pytest.raises(ConfigError) as err:
+        validate_config(_compose(overrides))
+    assert err.value.problems == messages
 
 
 def test_all_problems_reported_at_once():

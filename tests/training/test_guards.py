@@ -22,6 +22,7 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from PIL import Image
 
 import msn.training.checkpointing as checkpointing
+from msn.checks import ConfigError
 from msn.cli.common import CONFIG_DIR
 from msn.cli.train import (
     check_resume_point,
@@ -43,7 +44,6 @@ from msn.training.checkpointing import (
     checkpoint_is_complete,
     remove_stale_tmp,
 )
-from msn.training.config import ConfigError
 from msn.training.guards import (
     CollapseMonitor,
     NonFiniteGuard,
@@ -316,9 +316,9 @@ def test_resume_checkpoint_saves_the_final_step_between_intervals(tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"every_n_train_steps": 0}, "ResumeCheckpoint every_n_train_steps must be an integer >= 1, got 0"),
-        ({"keep_last": -1}, "ResumeCheckpoint keep_last must be an integer >= 0, got -1"),
-        ({"save_last": False}, "ResumeCheckpoint save_last must be true or 'link', got False"),
+        ({"every_n_train_steps": 0}, "ResumeCheckpoint every_n_train_steps=0 must be an integer >= 1"),
+        ({"keep_last": -1}, "ResumeCheckpoint keep_last=-1 must be an integer >= 0"),
+        ({"save_last": False}, "ResumeCheckpoint save_last=False must be true or 'link'"),
         ({"save_last": "link", "keep_last": 0}, "ResumeCheckpoint save_last='link' needs keep_last >= 1"),
     ],
 )
@@ -326,6 +326,8 @@ def test_resume_checkpoint_arguments(tmp_path, kwargs, message):
     with pytest.raises(ValueError) as err:
         ResumeCheckpoint(tmp_path, **kwargs)
     assert str(err.value).startswith(message)
+    # One rule: the constructor says what its problems function (validate_config's source) finds.
+    assert str(err.value) == "ResumeCheckpoint " + "; ".join(ResumeCheckpoint.problems(**kwargs))
 
 
 # ------------------------------------------------------------------------------------------ preemption
@@ -376,8 +378,13 @@ def test_sigusr1_on_slurm_saves_after_the_step_requeues_and_stops(tmp_path, monk
 def test_preemption_needs_a_resume_checkpoint(tmp_path):
     with pytest.raises(ValueError, match="PreemptionHandler needs a ResumeCheckpoint callback"):
         _trainer(tmp_path, [PreemptionHandler()], max_steps=1).fit(_module(), datamodule=_datamodule())
-    with pytest.raises(ValueError, match="unknown signal 'SIGNOPE'"):
+    with pytest.raises(ValueError, match=r"^signals: 'SIGNOPE' is not a signal name \(e\.g\. SIGTERM\)$"):
         PreemptionHandler(signals=["SIGNOPE"])
+    assert PreemptionHandler(signals=["SIGTERM", 10]).signals == [signal.SIGTERM, signal.SIGUSR1]
+    assert PreemptionHandler.problems(signals=["SIGTERM", "SIGNOPE", 0]) == [
+        "signals: 'SIGNOPE' is not a signal name (e.g. SIGTERM)",
+        "signals: 0 is not a signal name (e.g. SIGTERM)",
+    ]
 
 
 # ------------------------------------------------------------------------------------------ NaN / Inf
@@ -457,10 +464,11 @@ def test_nonfinite_guard_gives_up_after_too_many_skips():
     param.grad = torch.tensor([math.nan, 0.0])
     with pytest.raises(NonFiniteLossError, match="non-finite gradients at step 8"):
         stop.on_before_optimizer_step(trainer, None, optimizer)
-    with pytest.raises(
-        ValueError, match=r"on_nonfinite must be one of \['stop', 'skip_step'\], got 'ignore'"
-    ):
+    with pytest.raises(ValueError, match=r"^on_nonfinite='ignore' is unknown; allowed: stop, skip_step$"):
         NonFiniteGuard(on_nonfinite="ignore")
+    assert NonFiniteGuard.problems(on_nonfinite="skip_step", max_consecutive_skips=True) == [
+        "max_consecutive_skips=True must be an integer >= 0"
+    ]
 
 
 # ------------------------------------------------------------------------------------------ collapse
@@ -492,6 +500,19 @@ def test_collapse_warns_after_patience_once_and_rearms_after_recovery():
     _reading(stopping, 1, 0)
     with pytest.raises(PrototypeCollapseError, match="Stopped \\(callbacks.collapse.stop=true\\)"):
         _reading(stopping, 1, 1)
+
+
+def test_collapse_monitor_arguments_are_the_collapse_rule_s():
+    assert CollapseMonitor.problems(min_fraction=1.5, patience=0) == [
+        "min_fraction=1.5 must be a number in [0, 1]",
+        "patience=0 must be an integer >= 1",
+    ]
+    with pytest.raises(ValueError, match=r"^min_fraction=-1 must be a number in \[0, 1\]$"):
+        CollapseMonitor(min_fraction=-1)
+    monitor = CollapseMonitor(min_fraction=0.0, patience=1)  # 0 disables it
+    for step in range(3):
+        _reading(monitor, 0, step)
+    assert monitor.warnings == []
 
 
 def test_collapse_of_a_real_run_is_reported(tmp_path):
