@@ -41,3 +41,15 @@ def int_problems(name: str, value: object, minimum: int) -> list[str]:
     if is_int(value) and value >= minimum:  # type: ignore[operator]
         return []
     return [f"{name} must be an integer >= {minimum}, got {value!r}"]
+
+
+def raise_problems(problems: list[str], prefix: str = "") -> None:
+    """A ValueError listing every problem (each after ``prefix``); nothing when there is none."""
+    if problems:
+        raise ValueError("; ".join(prefix + p for p in problems))
+
+
+def own_arguments(local_vars: dict[str, object]) -> dict[str, object]:
+    """A constructor's arguments from its ``locals()`` taken before it binds anything else, so
+    that its ``problems(**own_arguments(locals()))`` call cannot forget one."""
+    return {k: v for k, v in local_vars.items() if k not in ("self", "__class__")}

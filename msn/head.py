@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from msn.checks import own_arguments, raise_problems
+
 
 def init_like_official(module: nn.Module) -> None:
     """trunc_normal(0.02) for Linear weights, zero biases, LayerNorm/BatchNorm weight 1 bias 0."""
@@ -31,11 +33,7 @@ class ProjectionHead(nn.Sequential):
     """
 
     def __init__(self, in_dim: int, hidden_dim: int = 2048, out_dim: int = 256, use_bn: bool = True) -> None:
-        problems = ProjectionHead.problems(
-            in_dim=in_dim, hidden_dim=hidden_dim, out_dim=out_dim, use_bn=use_bn
-        )
-        if problems:
-            raise ValueError("; ".join(problems))
+        raise_problems(ProjectionHead.problems(**own_arguments(locals())))
 
         def norm() -> nn.Module:
             return nn.BatchNorm1d(hidden_dim) if use_bn else nn.Identity()
@@ -72,8 +70,6 @@ def prototypes_problems(num_prototypes: Any) -> list[str]:
 
 def init_prototypes(num_prototypes: int, dim: int, generator: torch.Generator | None = None) -> Tensor:
     """(K, dim) prototypes drawn from U(-1/sqrt(dim), 1/sqrt(dim)), the official init."""
-    problems = prototypes_problems(num_prototypes)
-    if problems:
-        raise ValueError(problems[0])
+    raise_problems(prototypes_problems(num_prototypes))
     bound = 1.0 / math.sqrt(dim)
     return torch.empty(num_prototypes, dim).uniform_(-bound, bound, generator=generator)

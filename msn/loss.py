@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from msn.checks import is_number
+from msn.checks import is_number, own_arguments, raise_problems
 from msn.distributed import all_reduce_mean_with_grad, all_reduce_sum_, world_size
 
 __all__ = [
@@ -207,18 +207,7 @@ class MSNLoss(nn.Module):
         power_law_exponent: float = 0.25,
     ) -> None:
         super().__init__()
-        problems = MSNLoss.problems(
-            temperature=temperature,
-            sharpen_temperature=sharpen_temperature,
-            me_max_weight=me_max_weight,
-            entropy_weight=entropy_weight,
-            sinkhorn_iterations=sinkhorn_iterations,
-            label_smoothing=label_smoothing,
-            prior=prior,
-            power_law_exponent=power_law_exponent,
-        )
-        if problems:
-            raise ValueError("; ".join(problems))
+        raise_problems(MSNLoss.problems(**own_arguments(locals())))
         self.temperature = float(temperature)
         self.sharpen_temperature = float(sharpen_temperature)
         self.me_max_weight = float(me_max_weight)

@@ -22,7 +22,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 
 from msn import backbone, distributed
 from msn.backbone.vit import features_problems, vit_problems
-from msn.checks import is_int, is_number
+from msn.checks import is_int, is_number, raise_problems
 from msn.ema import ema_update_
 from msn.head import ProjectionHead, init_prototypes, prototypes_problems
 from msn.loss import MSNLoss, prototype_probs
@@ -134,9 +134,7 @@ class MSNModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        problems = MSNModule.problems(**self.hparams)
-        if problems:
-            raise ValueError("; ".join(f"model.{p}" for p in problems))
+        raise_problems(MSNModule.problems(**self.hparams), prefix="model.")
         encoder_cfg = {**DEFAULT_ENCODER, **(encoder or {})}
         head_cfg = {**DEFAULT_HEAD, **(head or {})}
         self.optim_cfg = {**DEFAULT_OPTIM, **(optim or {})}

@@ -11,6 +11,7 @@ from msn import backbone
 from msn.loss import prototype_probs
 from msn.module import MSNModule
 from msn.schedules import linear_at
+from tests.helpers import tiny_module
 
 B, VIEWS = 8, (16, 16, 8, 8)  # target, one masked anchor, two focal views
 
@@ -25,15 +26,8 @@ class RandomViews(Dataset):
 
 
 def _module(**kw):
-    torch.manual_seed(0)
-    kw.setdefault("optim", {"warmup_epochs": 1, "ref_lr": 1e-2})
-    return MSNModule(
-        encoder={"arch": "vit_nano", "patch_size": 4, "img_size": 16, "in_chans": 1},
-        head={"hidden_dim": 32, "out_dim": 16},
-        num_prototypes=10,
-        mask_ratio=0.25,
-        **kw,
-    )
+    kw = {"optim": {"warmup_epochs": 1, "ref_lr": 1e-2}, "mask_ratio": 0.25, "mask_seed": None, **kw}
+    return tiny_module(**kw)
 
 
 class RecordingModule(MSNModule):

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
+from msn.checks import own_arguments, raise_problems
 from msn.masking import apply_keep_indices, keep_indices, num_kept
 
 
@@ -61,19 +62,7 @@ def build_vit(
     ``embed_dim``/``depth``/``num_heads`` override the registry entry of ``arch`` (for sweeps of
     custom widths). The patch embedding accepts any image size divisible by the patch size.
     """
-    problems = vit_problems(
-        arch=arch,
-        patch_size=patch_size,
-        img_size=img_size,
-        in_chans=in_chans,
-        embed_dim=embed_dim,
-        depth=depth,
-        num_heads=num_heads,
-        mlp_ratio=mlp_ratio,
-        drop_path_rate=drop_path_rate,
-    )
-    if problems:
-        raise ValueError("; ".join(problems))
+    raise_problems(vit_problems(**own_arguments(locals())))
     size = VIT_SIZES[arch]
     embed_dim = embed_dim or size.embed_dim
     num_heads = num_heads or size.num_heads
@@ -240,9 +229,7 @@ def extract(vit: VisionTransformer, images: Tensor, features: str = "cls_prenorm
     concatenated (the DINO linear-evaluation features; earlier blocks keep more low-level detail,
     which helps small models and low-resolution images).
     """
-    problems = features_problems(features)
-    if problems:
-        raise ValueError(problems[0])
+    raise_problems(features_problems(features))
     x = vit.norm_pre(embed_tokens(vit, images))
     if features == "last4":
         if len(vit.blocks) < 4:

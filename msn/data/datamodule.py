@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2 as T
 
+from msn.checks import raise_problems
 from msn.data.batched import BatchedMultiView
 from msn.data.datasets import DATASETS, SPLITS, build_dataset, has_labels
 from msn.data.folders import ON_BAD_IMAGE
@@ -169,8 +170,7 @@ class MSNDataModule(L.LightningDataModule):
             on_bad_image=on_bad_image,
             bad_image_log=bad_image_log,
         )
-        if problems:
-            raise ValueError("; ".join(f"data.{p}" for p in problems))
+        raise_problems(problems, prefix="data.")
         in_chans, mean_t, std_t = _resolve_mean_std(in_chans, mean, std)
         self.name = name
         self.root = None if root is None else os.fspath(root)

@@ -17,7 +17,7 @@ from PIL import Image, ImageFilter
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
-from msn.checks import int_problems, is_int, is_number
+from msn.checks import int_problems, is_int, is_number, own_arguments, raise_problems
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -89,9 +89,7 @@ def _range_problems(name: str, value: object, high: float | None) -> list[str]:
 
 def default_mean_std(in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Normalisation statistics used when none are configured: ImageNet for RGB, ``0.5`` for grayscale."""
-    problems = mean_std_problems(in_chans, None, None)
-    if problems:
-        raise ValueError(problems[0])
+    raise_problems(mean_std_problems(in_chans, None, None))
     return (IMAGENET_MEAN, IMAGENET_STD) if in_chans == 3 else (GRAYSCALE_MEAN, GRAYSCALE_STD)
 
 
@@ -121,9 +119,7 @@ def _resolve_mean_std(
 ) -> tuple[int, tuple[float, ...], tuple[float, ...]]:
     """``(in_chans, mean, std)`` with the defaults filled in; ValueError for what
     :func:`mean_std_problems` finds."""
-    problems = mean_std_problems(in_chans, mean, std)
-    if problems:
-        raise ValueError("; ".join(problems))
+    raise_problems(mean_std_problems(in_chans, mean, std))
     default_mean, default_std = default_mean_std(int(in_chans))  # type: ignore[call-overload]
     return (
         int(in_chans),  # type: ignore[call-overload]
@@ -247,26 +243,7 @@ class MultiViewTransform:
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
     ) -> None:
-        problems = MultiViewTransform.problems(
-            rand_size=rand_size,
-            focal_size=focal_size,
-            rand_views=rand_views,
-            focal_views=focal_views,
-            rand_scale=rand_scale,
-            focal_scale=focal_scale,
-            color_jitter=color_jitter,
-            color_jitter_p=color_jitter_p,
-            grayscale_p=grayscale_p,
-            blur_p=blur_p,
-            blur_sigma=blur_sigma,
-            hflip_p=hflip_p,
-            interpolation=interpolation,
-            in_chans=in_chans,
-            mean=mean,
-            std=std,
-        )
-        if problems:
-            raise ValueError("; ".join(problems))
+        raise_problems(MultiViewTransform.problems(**own_arguments(locals())))
         self.interpolation = str(interpolation)
         self.rand_size, self.focal_size = int(rand_size), int(focal_size)
         self.rand_views, self.focal_views = int(rand_views), int(focal_views)
@@ -359,8 +336,7 @@ def eval_transform(
     """
     problems = _interpolation_problems(interpolation) + int_problems("img_size", img_size, 1)
     problems += crop_pct_problems("crop_pct", crop_pct) + mean_std_problems(in_chans, mean, std)
-    if problems:
-        raise ValueError("; ".join(problems))
+    raise_problems(problems)
     mode = INTERPOLATIONS[interpolation]
     in_chans, mean, std = _resolve_mean_std(in_chans, mean, std)
     return T.Compose(

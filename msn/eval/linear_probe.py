@@ -26,7 +26,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from msn.checks import is_int
+from msn.checks import is_int, raise_problems
 from msn.eval.features import frozen_features
 from msn.eval.reports import EvalRun, Evaluation
 
@@ -214,8 +214,7 @@ def run_linear_probe(
         raise ValueError(f"feature dims differ: train_x has {tx.shape[1]}, test_x has {vx.shape[1]}")
     ty, vy = _as_labels(train_y, len(tx), "train_y"), _as_labels(test_y, len(vx), "test_y")
     problems = probe_problems(epochs, batch_size, lr, base_lr, base_batch)
-    if problems:
-        raise ValueError(problems[0])
+    raise_problems(problems)
     lr = scaled_lr(lr, base_lr, batch_size, base_batch)
 
     num_classes = int(max(ty.max(), vy.max())) + 1

@@ -24,7 +24,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
-from msn.checks import int_problems, is_int, is_number
+from msn.checks import int_problems, is_int, is_number, own_arguments, raise_problems
 from msn.eval.features import extract_features
 from msn.eval.knn import knn_accuracy
 from msn.eval.lowshot import lowshot_eval
@@ -232,22 +232,7 @@ class OnlineEvalCallback(L.Callback):
         dirpath: str | Path | None = None,
     ) -> None:
         super().__init__()
-        problems = OnlineEvalCallback.problems(
-            every_n_epochs=every_n_epochs,
-            knn_k=knn_k,
-            knn_temperature=knn_temperature,
-            shots=shots,
-            seeds=seeds,
-            lambd=lambd,
-            max_train=max_train,
-            max_test=max_test,
-            batch_size=batch_size,
-            collapse_fraction=collapse_fraction,
-            on_first_epoch=on_first_epoch,
-            dirpath=dirpath,
-        )
-        if problems:
-            raise ValueError("; ".join(problems))
+        raise_problems(OnlineEvalCallback.problems(**own_arguments(locals())))
         self.shots = tuple(int(k) for k in shots)
         self.seeds = tuple(int(seed) for seed in seeds)
         self.every_n_epochs = int(every_n_epochs)

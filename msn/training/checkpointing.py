@@ -34,7 +34,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 
-from msn.checks import is_int
+from msn.checks import is_int, raise_problems
 from msn.training.loggers import ResumableCSVLogger
 
 log = logging.getLogger(__name__)
@@ -275,8 +275,7 @@ class ResumeCheckpoint(ModelCheckpoint):
         problems = ResumeCheckpoint.problems(
             every_n_train_steps=every_n_train_steps, keep_last=keep_last, save_last=save_last
         )
-        if problems:
-            raise ValueError("; ".join(f"ResumeCheckpoint {p}" for p in problems))
+        raise_problems(problems, prefix="ResumeCheckpoint ")
         super().__init__(
             dirpath=dirpath,
             filename=filename,

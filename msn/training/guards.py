@@ -32,7 +32,7 @@ import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_warn
 
-from msn.checks import is_int
+from msn.checks import is_int, own_arguments, raise_problems
 from msn.eval.online import CollapseRule
 from msn.training.checkpointing import ResumeCheckpoint
 
@@ -141,9 +141,7 @@ class PreemptionHandler(L.Callback):
     """
 
     def __init__(self, signals: Sequence[str | int] = ("SIGTERM", "SIGUSR1", "SIGINT")) -> None:
-        problems = PreemptionHandler.problems(signals=signals)
-        if problems:
-            raise ValueError("; ".join(problems))
+        raise_problems(PreemptionHandler.problems(**own_arguments(locals())))
         self.signals = [_signal_number(s) for s in signals]
         self._received: int | None = None
         self._active = False
@@ -303,11 +301,7 @@ class NonFiniteGuard(L.Callback):
     """
 
     def __init__(self, on_nonfinite: str = "stop", max_consecutive_skips: int = 10) -> None:
-        problems = NonFiniteGuard.problems(
-            on_nonfinite=on_nonfinite, max_consecutive_skips=max_consecutive_skips
-        )
-        if problems:
-            raise ValueError("; ".join(problems))
+        raise_problems(NonFiniteGuard.problems(**own_arguments(locals())))
         self.on_nonfinite = on_nonfinite
         self.max_consecutive_skips = max_consecutive_skips
         self.skipped_steps: list[int] = []
@@ -398,9 +392,7 @@ class CollapseMonitor(L.Callback):
         stop: bool = False,
         metric: str = "train/num_prototypes_used",
     ) -> None:
-        problems = CollapseMonitor.problems(min_fraction=min_fraction, patience=patience)
-        if problems:
-            raise ValueError("; ".join(problems))
+        raise_problems(CollapseMonitor.problems(**own_arguments(locals())))
         self.min_fraction = float(min_fraction)
         self.patience = patience
         self.stop = bool(stop)

@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -18,17 +17,12 @@ from msn.eval.finetune import FineTuneEvaluation
 from msn.eval.knn import KnnEvaluation
 from msn.eval.linear_probe import LinearProbeEvaluation
 from msn.eval.reports import EvalRun, Evaluation, LowShotEvaluation, build_evaluation
-from msn.module import MSNModule
+from tests.helpers import composed, tiny_module
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    model = MSNModule(
-        encoder={"arch": "vit_nano", "patch_size": 4, "img_size": 16, "in_chans": 1},
-        head={"hidden_dim": 32, "out_dim": 16},
-        num_prototypes=8,
-    )
+    model = tiny_module(num_prototypes=8, mask_ratio=0.15, mask_seed=None)
     with torch.no_grad():  # make target differ from anchor so loading the wrong one shows
         model.target_encoder.cls_token.add_(1.0)
     path = tmp_path_factory.mktemp("ckpt") / "last.ckpt"
@@ -37,17 +31,14 @@ def ckpt(tmp_path_factory):
 
 
 def _cfg(tmp_path, *overrides):
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(
-            "finetune",
-            overrides=[
-                f"output_dir={tmp_path}",
-                "cache_dir=null",
-                "lowshot.shots=[1,2]",
-                "lowshot.seeds=[0,1]",
-                *overrides,
-            ],
-        )
+    return composed(
+        "finetune",
+        f"output_dir={tmp_path}",
+        "cache_dir=null",
+        "lowshot.shots=[1,2]",
+        "lowshot.seeds=[0,1]",
+        *overrides,
+    )
 
 
 def test_load_checkpoint_restores_target_encoder(ckpt):

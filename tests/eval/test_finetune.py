@@ -8,7 +8,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -20,22 +19,20 @@ from msn.eval.lowshot import sample_k_per_class
 from msn.eval.splits import sample_percent_per_class
 from msn.io import read_checkpoint
 from tests.artefacts import ENCODER, official_dict, timm_vit
+from tests.helpers import composed
 
 X = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(2))
 
 
 def _cfg(tmp_path, *overrides):
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(
-            "finetune",
-            overrides=[
-                f"output_dir={tmp_path}",
-                "device=cpu",
-                "mode=finetune",
-                "finetune.progress=false",
-                *overrides,
-            ],
-        )
+    return composed(
+        "finetune",
+        f"output_dir={tmp_path}",
+        "device=cpu",
+        "mode=finetune",
+        "finetune.progress=false",
+        *overrides,
+    )
 
 
 def test_classifier_is_timm_forward_on_the_normalised_class_token():

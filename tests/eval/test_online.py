@@ -20,17 +20,13 @@ from msn.eval.online import (
     _subsample,
 )
 from msn.module import MSNModule
+from tests.helpers import tiny_module
 
 K = 8
 
 
 def _module() -> MSNModule:
-    return MSNModule(
-        encoder={"arch": "vit_nano", "patch_size": 4, "img_size": 16, "in_chans": 1},
-        head={"hidden_dim": 32, "out_dim": 16},
-        num_prototypes=K,
-        optim={"warmup_epochs": 1},
-    )
+    return tiny_module(num_prototypes=K, mask_ratio=0.15, mask_seed=None, optim={"warmup_epochs": 1})
 
 
 def _datamodule(cls: type[MSNDataModule] = MSNDataModule) -> MSNDataModule:

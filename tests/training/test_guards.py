@@ -56,14 +56,8 @@ from tests.helpers import FAST, UNREADABLE, bad_image_folder, tiny_module
 
 
 def _module(num_prototypes: int = 16, **kw) -> MSNModule:
-    torch.manual_seed(0)
-    kw.setdefault("optim", {"warmup_epochs": 1})
-    return MSNModule(
-        encoder={"arch": "vit_nano", "patch_size": 4, "img_size": 16, "in_chans": 1},
-        head={"hidden_dim": 32, "out_dim": 16},
-        num_prototypes=num_prototypes,
-        **kw,
-    )
+    kw = {"optim": {"warmup_epochs": 1}, "mask_ratio": 0.15, "mask_seed": None, **kw}
+    return tiny_module(num_prototypes=num_prototypes, **kw)
 
 
 def _datamodule() -> MSNDataModule:
