@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --upgrade pip
 	# torch/torchvision first and pinned: the versions tested here (CPU or CUDA wheels alike).
 	$(PY) -m pip install torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -e ".[hf,dev,sweep]"
+	$(PY) -m pip install -e ".[hf,data,dev,sweep]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -45,7 +45,35 @@ DEFAULT_OPTIM: dict[str, Any] = {
     "schedule_scale": 1.25,  # every schedule spans 1.25 x the real iterations (official ipe_scale)
     "clip_grad": 3.0,  # over encoder + head, never the prototypes; 0 disables
     "fused": "auto",  # fused AdamW kernel on CUDA
+    "lr_scaling": "none",  # official: the lrs as given, whatever the global batch
 }
+#: ``model.optim.lr_scaling`` values (see :func:`scaled_optim`).
+LR_SCALINGS = ("none", "linear")
+#: Global batch of the official learning rates (64 per GPU x 16 GPUs).
+REFERENCE_BATCH = 1024
+
+
+def global_batch(batch_size: int, world_size: int = 1, accumulate_grad_batches: int = 1) -> int:
+    """Images per optimizer step: per-process batch x processes (devices x nodes) x accumulation."""
+    return batch_size * world_size * accumulate_grad_batches
+
+
+def scaled_optim(optim: Mapping[str, Any], batch: int, rule: str | None = None) -> dict[str, Any]:
+    """``optim`` (over ``DEFAULT_OPTIM``) with its learning rates for a global batch of ``batch``.
+
+    ``rule`` (default ``optim["lr_scaling"]``): ``none`` keeps them; ``linear`` multiplies
+    ``start_lr`` and ``ref_lr`` by ``batch / 1024`` (the usual rule for the official recipe's
+    batch). ``final_lr`` is kept: it is the floor of the cosine, not a rate of the batch.
+    """
+    out = {**DEFAULT_OPTIM, **optim}
+    rule = out["lr_scaling"] if rule is None else rule
+    if rule == "linear":
+        factor = batch / REFERENCE_BATCH
+        out["start_lr"] = out["start_lr"] * factor
+        out["ref_lr"] = out["ref_lr"] * factor
+    elif rule != "none":
+        raise ValueError(f"lr_scaling={rule!r} is unknown; allowed: {', '.join(LR_SCALINGS)}")
+    return out
 
 
 def _node_problems(key: str, given: Any, defaults: Mapping, allowed: Sequence[str], check: Any) -> list[str]:
@@ -60,7 +88,10 @@ def _optim_problems(**optim: Any) -> list[str]:
     # clip_grad null disables clipping, as 0 does.
     rates = ("start_lr", "ref_lr", "final_lr") + (("clip_grad",) if optim["clip_grad"] is not None else ())
     bad = [k for k in rates if not (is_number(optim[k]) and optim[k] >= 0)]
-    return [f"{k}={optim[k]} must be a number >= 0" for k in bad]
+    problems = [f"{k}={optim[k]} must be a number >= 0" for k in bad]
+    if optim["lr_scaling"] not in LR_SCALINGS:
+        problems.append(f"lr_scaling={optim['lr_scaling']!r} is unknown; allowed: {', '.join(LR_SCALINGS)}")
+    return problems
 
 
 # Prefixes that wrappers (FSDP units, activation checkpointing, torch.compile) add to parameter names.
@@ -217,9 +248,35 @@ class MSNModule(L.LightningModule):
     def warmup_steps(self) -> int:
         return int(self.optim_cfg["warmup_epochs"] * self.steps_per_epoch)
 
+    def _batch_per_process(self) -> int | None:
+        """Images per process and micro-batch: the data module's ``batch_size``, else the loader's."""
+        trainer = self.trainer
+        # The loader given to fit() directly is only loaded after configure_optimizers.
+        given = getattr(getattr(trainer.fit_loop, "_data_source", None), "instance", None)
+        for source in (trainer.datamodule, trainer.train_dataloader, given):
+            size = getattr(source, "batch_size", None)
+            if is_int(size) and size > 0:
+                return int(size)
+        return None
+
+    @property
+    def run_optim_cfg(self) -> dict[str, Any]:
+        """``optim_cfg`` with ``lr_scaling`` applied to this trainer's global batch (data batch x
+        world size x accumulation; see :func:`scaled_optim`)."""
+        if self.optim_cfg["lr_scaling"] == "none" or self._trainer is None:
+            return self.optim_cfg
+        size = self._batch_per_process()
+        if size is None:
+            raise ValueError(
+                f"model.optim.lr_scaling={self.optim_cfg['lr_scaling']} needs the batch size per process: "
+                "train from a data module or a DataLoader with a batch_size"
+            )
+        batch = global_batch(size, self.trainer.world_size, self.trainer.accumulate_grad_batches)
+        return scaled_optim(self.optim_cfg, batch)
+
     def schedule_values(self, step: int) -> dict[str, float]:
         """lr, wd, EMA momentum and sharpening temperature used by (0-based) iteration ``step``."""
-        o, total, scale = self.optim_cfg, self.total_steps, self.optim_cfg["schedule_scale"]
+        o, total, scale = self.run_optim_cfg, self.total_steps, self.optim_cfg["schedule_scale"]
         # lr/wd schedulers are stepped before the optimizer in the official loop, hence step + 1.
         return {
             "lr": lr_at(step + 1, total, self.warmup_steps, o["start_lr"], o["ref_lr"], o["final_lr"], scale),
@@ -440,7 +497,7 @@ class MSNModule(L.LightningModule):
                 # is the one at construction: under FSDP every parameter is a 1-D shard by now.
                 ndim = self._param_ndim.get(f"{prefix}.{_unwrapped_name(name)}", p.ndim)
                 (no_decay if name.endswith("bias") or ndim == 1 else decay).append(p)
-        o = self.optim_cfg
+        o = self.run_optim_cfg
         groups = [
             {"params": decay, "weight_decay": o["ref_wd"], "apply_wd": True},
             {"params": no_decay, "weight_decay": 0.0, "apply_wd": False},

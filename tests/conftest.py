@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -15,3 +16,10 @@ def pretrained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, MSNModul
     """``(path, model)``: a tiny pre-training checkpoint as train.py writes it (read-only: shared)."""
     model = msn_module(seed=20)
     return save_lightning(model, tmp_path_factory.mktemp("pretrained") / "last.ckpt"), model
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cache_home(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Caches (the image-folder file lists) go to a temporary folder, not the user's home; the
+    train.py processes that tests start inherit it."""
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
-from msn.backbone.vit import embed_tokens
+from msn.backbone.vit import checkpointing, embed_tokens, run_block
 from msn.masking import apply_keep_indices
 
 
@@ -125,8 +125,9 @@ def encode_packed(
             cls_rows.append(torch.arange(x.shape[0], device=x.device) * x.shape[1] + start)
             start += x.shape[0] * x.shape[1]
         x = vit.norm_pre(torch.cat([x.flatten(0, 1) for x in tokens]))
+        ckpt = checkpointing(vit)  # the blocks are run here, not by timm: apply its flag ourselves
         for block in vit.blocks:
-            x = _segmented_block(block, x, segments)
+            x = run_block(_segmented_block, block, x, segments, checkpoint=ckpt)
         cls_prenorm = x[torch.cat(cls_rows)]
     return cls_prenorm, vit.norm(cls_prenorm)
 
@@ -147,9 +148,8 @@ def _packed_masked_blocks(vit: VisionTransformer, tokens: Sequence[Tensor], batc
         start += views * length
     x = vit.norm_pre(torch.cat(per_image, dim=1))
     mask = block_diagonal_mask(lengths, x.device)
+    ckpt = checkpointing(vit)
     for block in vit.blocks:
-        x = block(x, attn_mask=mask)
+        x = run_block(block, x, attn_mask=mask, checkpoint=ckpt)
     # Class tokens (B, total views, D) -> view-major (total views * B, D).
     return x[:, cls_pos].transpose(0, 1).flatten(0, 1)
-
-

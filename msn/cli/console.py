@@ -19,6 +19,8 @@ IGNORED_WARNINGS = (
     # Resuming into a new run dir: ResumeCheckpoint's state is keyed by its folder, and it needs none.
     r"Be aware that when using `ckpt_path`, callbacks used to create the checkpoint",
     r"The dirpath has changed from",
+    # data=litdata: LitData splits the stream between the workers, so its length is right.
+    r"Your `IterableDataset` has `__len__` defined",
 )
 
 
@@ -27,7 +29,16 @@ class _DropTips(logging.Filter):
         return not record.getMessage().startswith("💡 Tip")
 
 
+class _DropLitDataChatter(logging.Filter):
+    # What LitData says each time a dataset opens (one per split, worker and epoch): how it reads
+    # and what it caches; its warnings and errors pass.
+    def filter(self, record: logging.LogRecord) -> bool:
+        unset = record.getMessage().startswith("max_cache_size is unset")
+        return record.levelno > logging.INFO and not unset
+
+
 _DROP_TIPS = _DropTips()
+_DROP_LITDATA_CHATTER = _DropLitDataChatter()
 
 
 def quiet_lightning() -> None:
@@ -35,6 +46,8 @@ def quiet_lightning() -> None:
     for pattern in IGNORED_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DROP_TIPS)
+    for name in ("litdata.streaming.dataset", "litdata.utilities.format"):
+        logging.getLogger(name).addFilter(_DROP_LITDATA_CHATTER)
 
 
 class TrainingProgressBar(RichProgressBar):

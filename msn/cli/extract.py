@@ -30,7 +30,8 @@ from tqdm import tqdm
 from msn.backbone import extract, features_problems
 from msn.checks import ConfigError
 from msn.cli.common import hydra_entry, resolve_device
-from msn.data.folders import IMAGE_EXTENSIONS, BadImageError, list_images, load_image
+from msn.data.decode import BadImageError, load_image
+from msn.data.folders import IMAGE_EXTENSIONS, list_images
 from msn.data.transforms import eval_transform, image_mode
 from msn.io import build_encoder, data_stats, encoder_problems, read_checkpoint
 

@@ -30,12 +30,15 @@ from omegaconf import DictConfig
 from msn.checks import ConfigError
 from msn.cli.common import BAD_CONFIG, hydra_entry
 from msn.cli.console import progress_bar, quiet_lightning
-from msn.data.folders import BadImageError, bad_image_summary
+from msn.data.decode import BadImageError, bad_image_summary
 from msn.eval.reports import MSN_ROW, EvalRun, build_evaluation
 from msn.io.load import init_msn_module
+from msn.module import REFERENCE_BATCH, global_batch, scaled_optim
 from msn.training.checkpointing import CheckpointWriteError, ResumeCheckpoint
 from msn.training.config import validate_config, writable_problem
 from msn.training.guards import PreemptionHandler, TrainingAborted
+from msn.training.loggers import WANDB_RUN_ID, LoggerRecord, recorded_logger_ids, wandb_resume_kwargs
+from msn.training.precision import AUTO, explain_precision
 from msn.training.resume import (
     RunRecord,
     check_resume_point,
@@ -76,18 +79,35 @@ def built(group: str, cfg: DictConfig, **kwargs: Any) -> Any:
         raise ConfigError([f"{group}: {' '.join(str(cause).split())}"]) from err
 
 
-def build_loggers(cfg: DictConfig) -> list[Any]:
+def build_loggers(cfg: DictConfig, wandb_run_id: str | None = None) -> list[Any]:
+    """The loggers of ``cfg.logger``; ``wandb_run_id`` (a resumed checkpoint's) continues that
+    wandb run unless ``logger.wandb.id`` names one."""
     _wandb_offline_if_no_key(cfg.logger)
-    return [instantiate(c) for c in cfg.logger.values() if c is not None]
+    loggers = []
+    for name, node in cfg.logger.items():
+        if node is None:
+            continue
+        extra = wandb_resume_kwargs(node, wandb_run_id) if name == "wandb" else {}
+        if extra:
+            log.info("wandb: continuing run %s of the resumed checkpoint", extra["id"])
+        loggers.append(instantiate(node, **extra))
+    return loggers
 
 
 def build_callbacks(cfg: DictConfig) -> list[Any]:
     return [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
 
 
-def recipe_summary(cfg: DictConfig, model: Any, world_size: int) -> str:
-    """What will run, in a few lines: model, views, masking, batch, schedule, precision."""
-    m, d, t, o = cfg.model, cfg.data, cfg.trainer, model.optim_cfg
+def recipe_summary(cfg: DictConfig, model: Any, world_size: int, precision: str | None = None) -> str:
+    """What will run, in a few lines: model, views, masking, batch, schedule, precision
+    (``precision``: what ``trainer.precision`` resolved to, when it was ``auto``)."""
+    m, d, t = cfg.model, cfg.data, cfg.trainer
+    batch = global_batch(d.batch_size, world_size, t.accumulate_grad_batches)
+    o = scaled_optim(model.optim_cfg, batch)  # the rates the run will use
+    scaling = ""
+    if o["lr_scaling"] != "none":
+        scaling = f" (lr_scaling={o['lr_scaling']}: x {batch}/{REFERENCE_BATCH})"
+    compute = f"{t.precision} -> {precision}" if precision not in (None, str(t.precision)) else t.precision
     experiment = HydraConfig.get().runtime.choices.get("experiment") if HydraConfig.initialized() else None
     enc = model.encoder
     views = d.transform
@@ -99,12 +119,40 @@ def recipe_summary(cfg: DictConfig, model: Any, world_size: int) -> str:
         f"  views    1 target + {views.rand_views} anchor at {views.rand_size} px (mask {m.mask_ratio}, "
         f"{m.mask_mode}), {views.focal_views} focal at {views.focal_size} px, made in the {d.augment_on}",
         f"  batch    {d.batch_size} x {world_size} process(es) x {t.accumulate_grad_batches} accumulated "
-        f"= {d.batch_size * world_size * t.accumulate_grad_batches} per step",
+        f"= {batch} per step",
         f"  schedule {steps}, lr {o['start_lr']:g} -> {o['ref_lr']:g} ({o['warmup_epochs']:g} warmup epochs)"
-        f" -> {o['final_lr']:g}, wd {o['ref_wd']:g} -> {o['final_wd']:g}",
-        f"  compute  {t.precision}, strategy {t.strategy}, {t.accelerator}",
+        f" -> {o['final_lr']:g}, wd {o['ref_wd']:g} -> {o['final_wd']:g}{scaling}",
+        f"  compute  {compute}, strategy {t.strategy}, {t.accelerator}",
     ]
     return "\n".join(lines)
+
+
+def startup_notes(
+    cfg: DictConfig, model: Any, world_size: int, precision_note: str | None = None
+) -> list[str]:
+    """One line for each thing of this run that differs from the official recipe without saying so:
+    the global batch with unscaled lrs, accumulated micro-batches, and what ``precision=auto`` chose."""
+    d, t = cfg.data, cfg.trainer
+    accumulate = t.accumulate_grad_batches
+    batch = global_batch(d.batch_size, world_size, accumulate)
+    notes = []
+    if model.optim_cfg["lr_scaling"] == "none" and batch != REFERENCE_BATCH:
+        linear = scaled_optim(model.optim_cfg, batch, rule="linear")
+        notes.append(
+            f"lr: global batch {batch} != {REFERENCE_BATCH} of the official recipe; model.optim.lr_scaling="
+            f"linear would use ref_lr {linear['ref_lr']:g}, start_lr {linear['start_lr']:g}"
+        )
+    if accumulate > 1:
+        # The loss (and its batch statistics) is computed per forward; accumulation only sums gradients.
+        micro = global_batch(d.batch_size, world_size)
+        notes.append(
+            f"accumulate: trainer.accumulate_grad_batches={accumulate}: ME-MAX and Sinkhorn see each "
+            f"micro-batch of {micro} images only, not the {batch} of the accumulated step, so the "
+            f"regulariser differs from that of one batch of {batch}"
+        )
+    if precision_note is not None:
+        notes.append(precision_note)
+    return notes
 
 
 def run_lowshot(model: Any, datamodule: Any, cfg: DictConfig, output_dir: Path) -> str | None:
@@ -153,6 +201,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if ckpt_path is not None:
         check_resume_point(ckpt_path)
     L.seed_everything(cfg.seed, workers=True)
+    # Lightning has no precision "auto": decided here, for the accelerator the trainer will use.
+    requested = cfg.trainer.get("precision", "32-true")
+    precision, why = explain_precision(requested, cfg.trainer.get("accelerator", "auto"))
+    precision_note = None
+    if requested == AUTO:
+        precision_note = f"precision: trainer.precision=auto -> {precision} ({why})"
+    # A resumed run continues the wandb run of its checkpoint (ckpt_path=last, a file, a SLURM requeue).
+    wandb_id = None
+    if ckpt_path is not None and cfg.logger.get("wandb") is not None:
+        wandb_id = recorded_logger_ids(ckpt_path).get(WANDB_RUN_ID)
 
     datamodule = built("data", cfg.data)
     model = built("model", cfg.model)
@@ -170,12 +228,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         except (FileNotFoundError, ValueError) as err:
             raise ConfigError([f"init_from={cfg.init_from!r}: {err}"]) from err
         log.info("init_from %s: %s", cfg.init_from, ", ".join(f"{k} <- {v}" for k, v in loaded.items()))
-    callbacks = [*build_callbacks(cfg), RunRecord(signature, str(output_dir))]
+    callbacks = [*build_callbacks(cfg), RunRecord(signature, str(output_dir)), LoggerRecord()]
     bar = progress_bar() if cfg.trainer.get("enable_progress_bar", True) else None
     callbacks += [bar] if bar is not None else []
-    trainer = built("trainer", cfg.trainer, logger=build_loggers(cfg) or False, callbacks=callbacks)
+    loggers = build_loggers(cfg, wandb_id) or False
+    trainer = built("trainer", cfg.trainer, precision=precision, logger=loggers, callbacks=callbacks)
     if trainer.is_global_zero:
-        print(recipe_summary(cfg, model, trainer.world_size), flush=True)
+        print(recipe_summary(cfg, model, trainer.world_size, precision), flush=True)
+        for note in startup_notes(cfg, model, trainer.world_size, precision_note):
+            print(note, flush=True)
     log.info("output dir: %s", output_dir)
 
     start = time.perf_counter()

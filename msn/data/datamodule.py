@@ -11,14 +11,14 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.utilities.seed import pl_worker_init_function
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2 as T
 
 from msn.checks import raise_problems
 from msn.data.batched import BatchedMultiView
-from msn.data.datasets import DATASETS, SPLITS, build_dataset, has_labels
-from msn.data.folders import ON_BAD_IMAGE
+from msn.data.datasets import DATASETS, ENCODED_DATASETS, SPLITS, build_dataset, has_labels
+from msn.data.decode import DECODE_ON, ON_BAD_IMAGE, BadImageLog, decode_batch
 from msn.data.resumable import ResumableSampler, SeededDataset, batch_seed, data_position
 from msn.data.transforms import (
     INTERPOLATIONS,
@@ -111,9 +111,16 @@ class MSNDataModule(L.LightningDataModule):
         load_size: With ``augment_on=device``, the workers resize the short side to this and centre-crop
             a square so that images batch together; ``null`` keeps the stored size (all images must
             then have the same size, as in digits, Fashion-MNIST, CIFAR and STL-10).
-        on_bad_image: ``skip`` (default) or ``raise`` on an image file that cannot be decoded
-            (imagefolder; see :class:`~msn.data.folders.ImageFolderDataset`).
-        bad_image_log: File that skipped image files are listed in (``path<TAB>reason`` lines).
+        on_bad_image: ``skip`` (default) or ``raise`` on an image that cannot be decoded (the
+            formats of encoded images: imagefolder, hf, litdata; see :class:`~msn.data.decode.EncodedImages`).
+        bad_image_log: File that skipped images are listed in (``name<TAB>reason`` lines).
+        decode_on: ``workers`` (PIL, per image) or ``device`` (with ``augment_on=device``: the
+            workers only read the encoded bytes, and every training batch is decoded on the training
+            device by :func:`~msn.data.decode.decode_batch`; JPEGs by nvJPEG on CUDA).
+        image_key: hf: the column that holds the images.
+        label_key: hf: the column that holds the labels (null: unlabeled).
+        list_cache: imagefolder: folder where the file list of a tree is kept between runs, keyed by
+            the tree's path and the modification times of its folders (null: list it every time).
 
     Resuming: the training stream is a pure function of ``(seed, epoch, position)``
     (:mod:`msn.data.resumable`), and :meth:`state_dict` stores the epoch and the batches already
@@ -144,6 +151,10 @@ class MSNDataModule(L.LightningDataModule):
         load_size: int | None = None,
         on_bad_image: str = "skip",
         bad_image_log: str | os.PathLike | None = None,
+        decode_on: str = "workers",
+        image_key: str = "image",
+        label_key: str | None = "label",
+        list_cache: str | os.PathLike | None = None,
     ) -> None:
         super().__init__()
         problems = MSNDataModule.problems(
@@ -169,6 +180,10 @@ class MSNDataModule(L.LightningDataModule):
             load_size=load_size,
             on_bad_image=on_bad_image,
             bad_image_log=bad_image_log,
+            decode_on=decode_on,
+            image_key=image_key,
+            label_key=label_key,
+            list_cache=list_cache,
         )
         raise_problems(problems, prefix="data.")
         in_chans, mean_t, std_t = _resolve_mean_std(in_chans, mean, std)
@@ -198,8 +213,15 @@ class MSNDataModule(L.LightningDataModule):
 
         self.on_bad_image = on_bad_image
         self.bad_image_log = None if bad_image_log is None else os.fspath(bad_image_log)
+        self.decode_on = decode_on
+        self.image_key = image_key
+        self.label_key = label_key
+        self.list_cache = None if list_cache is None else os.path.expanduser(os.fspath(list_cache))
+        # What the training process reports the images that fail to decode on the device in.
+        self._device_bad_log = BadImageLog(self.bad_image_log)
 
         self.train_dataset: Dataset | None = None
+        self._listing_shared = False
         self._eval_datasets: tuple[Dataset, Dataset] | None = None
         # Set by load_state_dict: where the training stream of a resumed run continues.
         self._resume_state: dict | None = None
@@ -224,12 +246,27 @@ class MSNDataModule(L.LightningDataModule):
         problems += crop_pct_problems("eval_crop_pct", a["eval_crop_pct"])
         if a["augment_on"] not in AUGMENT_ON:
             problems.append(f"augment_on must be one of {list(AUGMENT_ON)}, got {a['augment_on']!r}")
-        elif a["augment_on"] == "device" and name == "imagefolder" and load_size is None:
+        elif a["augment_on"] == "device" and name in ENCODED_DATASETS and load_size is None:
             # Files of different sizes cannot be stacked into one uint8 batch.
             problems.append(
-                "augment_on=device with data.name=imagefolder needs data.load_size (e.g. 256): "
-                "the images are resized to one square size in the workers before batching"
+                f"augment_on=device with data.name={name} needs data.load_size (e.g. 256): "
+                "the images are resized to one square size before batching"
             )
+        if a["decode_on"] not in DECODE_ON:
+            problems.append(f"decode_on must be one of {list(DECODE_ON)}, got {a['decode_on']!r}")
+        elif a["decode_on"] == "device" and a["augment_on"] != "device":
+            problems.append(
+                "decode_on=device needs augment_on=device: the views are made from the decoded batch"
+            )
+        elif a["decode_on"] == "device" and name in DATASETS and name not in ENCODED_DATASETS:
+            problems.append(
+                f"decode_on=device needs encoded image files ({', '.join(ENCODED_DATASETS)}); "
+                f"{name!r} is held decoded"
+            )
+        if not (isinstance(a["image_key"], str) and a["image_key"]):
+            problems.append(f"image_key must be a column name, got {a['image_key']!r}")
+        if not (a["label_key"] is None or isinstance(a["label_key"], str)):
+            problems.append(f"label_key must be a column name or null, got {a['label_key']!r}")
         if not (load_size is None or (is_int(load_size) and load_size >= 1)):
             problems.append(f"load_size must be an integer >= 1 or null, got {load_size!r}")
         if not is_int(a["seed"]):
@@ -239,7 +276,7 @@ class MSNDataModule(L.LightningDataModule):
             problems.append(f"on_bad_image={a['on_bad_image']!r} is unknown; allowed: {allowed}")
         for key in ("train_split", "eval_train_split", "eval_test_split") if name in DATASETS else ():
             split = a[key] if key != "eval_train_split" else _EVAL_SPLIT_ALIASES.get((name, a[key]), a[key])
-            if split not in SPLITS[name]:
+            if SPLITS[name] and split not in SPLITS[name]:
                 problems.append(f"{key} must be one of {list(SPLITS[name])} for {name!r}, got {a[key]!r}")
         # The transform takes these channels and statistics unless it names its own: checked once right.
         channels = mean_std_problems(a["in_chans"], a["mean"], a["std"])
@@ -269,6 +306,23 @@ class MSNDataModule(L.LightningDataModule):
             ]
         return T.Compose([*steps, T.PILToTensor()])
 
+    def on_before_batch_transfer(self, batch: object, dataloader_idx: int) -> object:
+        """With ``decode_on=device``: decode the training batch's encoded images on the training
+        device (the transfer that follows then has nothing left to move)."""
+        if self.decode_on != "device" or self.trainer is None or not self.trainer.training:
+            return batch
+        encoded, labels, seeds = batch  # type: ignore[misc]
+        images = decode_batch(
+            encoded,
+            self.in_chans,
+            self.load_size,
+            self.trainer.strategy.root_device,
+            self.transform.interpolation,
+            self.on_bad_image,
+            self._device_bad_log,
+        )
+        return images, labels, seeds
+
     def on_after_batch_transfer(self, batch: object, dataloader_idx: int) -> object:
         """With ``augment_on=device``: turn the uint8 training batch into the list of views."""
         if self.batched_transform is None or self.trainer is None or not self.trainer.training:
@@ -285,25 +339,51 @@ class MSNDataModule(L.LightningDataModule):
         """Number of views per image in a training batch."""
         return self.transform.num_views
 
-    def prepare_data(self) -> None:
-        """Download once (Lightning calls this on a single process) before ``setup`` runs everywhere."""
-        if self.download:
-            build_dataset(self.name, self.train_split, self.root, download=True, in_chans=self.in_chans)
-
-    def setup(self, stage: str | None = None) -> None:
-        """Build the pre-training dataset with the multi-view transform (once) and check the batch size."""
-        if self.train_dataset is not None:
-            return
-        dataset = build_dataset(
+    def _build(self, split: str, transform: Callable | None, decode_on: str = "workers") -> Dataset:
+        return build_dataset(
             self.name,
-            self.train_split,
+            split,
             self.root,
-            self.transform if self.batched_transform is None else self._load_transform(),
+            transform,
             download=self.download,
             in_chans=self.in_chans,
             on_bad_image=self.on_bad_image,
             bad_image_log=self.bad_image_log,
+            decode_on=decode_on,
+            image_key=self.image_key,
+            label_key=self.label_key,
+            list_cache=self.list_cache,
         )
+
+    def prepare_data(self) -> None:
+        """Download once (Lightning calls this on a single process) before ``setup`` runs everywhere."""
+        if self.download:
+            self._build(self.train_split, None)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the pre-training dataset with the multi-view transform (once) and check the batch size.
+
+        An image folder is listed by global rank 0 only and sent to the other ranks, so that they
+        all train on the same file list and the tree is walked once per run."""
+        trainer = self.trainer
+        world, rank = (
+            (trainer.world_size, trainer.global_rank) if trainer is not None else (1, rank_zero_only.rank)
+        )
+        shared = self.name == "imagefolder"
+        if self.train_dataset is None and not (shared and rank > 0):
+            self.train_dataset = self._checked(self._build_train())
+        if shared and world > 1 and not self._listing_shared:
+            self.train_dataset = trainer.strategy.broadcast(self.train_dataset if rank == 0 else None)  # type: ignore[union-attr]
+            self._listing_shared = True
+
+    def _build_train(self) -> Dataset:
+        if self.decode_on == "device":
+            return self._build(self.train_split, None, "device")
+        return self._build(
+            self.train_split, self.transform if self.batched_transform is None else self._load_transform()
+        )
+
+    def _checked(self, dataset: Dataset) -> Dataset:
         if self.drop_last and self.batch_size > len(dataset):
             # With drop_last every batch would be dropped and training would silently run zero steps.
             raise ValueError(
@@ -311,12 +391,26 @@ class MSNDataModule(L.LightningDataModule):
                 f"{self.train_split!r} ({len(dataset)} images) while data.drop_last is true: no batch would "
                 "be produced. Lower data.batch_size or set data.drop_last=false."
             )
-        self.train_dataset = dataset
+        return dataset
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled multi-view batches ``(views, labels)``; see the class docstring."""
         if self.train_dataset is None:
             self.setup("fit")
+        if self.name == "litdata":
+            from msn.data.streaming import streaming_loader
+
+            # LitData orders the stream and Lightning saves (and restores) the loader's position.
+            return streaming_loader(
+                self.train_dataset,  # type: ignore[arg-type]
+                self.batch_size,
+                self.num_workers,
+                self.seed,
+                self.drop_last,
+                self.pin_memory and torch.cuda.is_available(),
+                _worker_init,
+                return_seed=self.batched_transform is not None,
+            )
         trainer = self.trainer
         world_size, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         # Shuffle order and augmentation depend on (data.seed, epoch, index) only (msn.data.resumable).
@@ -393,16 +487,7 @@ class MSNDataModule(L.LightningDataModule):
         split = getattr(self, key)
         split = _EVAL_SPLIT_ALIASES.get((self.name, split), split)
         try:
-            ds = build_dataset(
-                self.name,
-                split,
-                self.root,
-                transform,
-                download=self.download,
-                in_chans=self.in_chans,
-                on_bad_image=self.on_bad_image,
-                bad_image_log=self.bad_image_log,
-            )
+            ds = self._build(split, transform)
         except FileNotFoundError as e:
             # E.g. an imagefolder without a test/ or val/ folder. Reported as "no evaluation data"
             # (ValueError) so callers can skip the evaluation instead of failing after pre-training.

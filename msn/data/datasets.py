@@ -20,7 +20,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import datasets as tvd
 
-from msn.data.folders import ON_BAD_IMAGE, build_imagefolder
+from msn.data.decode import ON_BAD_IMAGE
+from msn.data.folders import build_imagefolder
 from msn.data.transforms import ConvertMode, image_mode
 
 __all__ = [
@@ -38,7 +39,18 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DATASETS: tuple[str, ...] = ("digits", "fashion_mnist", "cifar10", "cifar100", "stl10", "imagefolder")
+DATASETS: tuple[str, ...] = (
+    "digits",
+    "fashion_mnist",
+    "cifar10",
+    "cifar100",
+    "stl10",
+    "imagefolder",
+    "hf",
+    "litdata",
+)
+# The formats that hold encoded image files (and so can be decoded on the device).
+ENCODED_DATASETS: tuple[str, ...] = ("imagefolder", "hf", "litdata")
 
 # Where the Debian/Ubuntu package ``dataset-fashion-mnist`` installs the original gzipped IDX files.
 DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -54,6 +66,9 @@ SPLITS: dict[str, tuple[str, ...]] = {
     "cifar100": ("train", "test"),
     "stl10": ("train", "test", "labeled", "unlabeled"),
     "imagefolder": ("train", "test", "all"),
+    # A Hugging Face dataset names its own splits: checked against them when it is read.
+    "hf": (),
+    "litdata": ("train", "test", "all"),
 }
 # Pre-training on STL-10 uses the 100k unlabeled images too; "labeled" is the 5k labelled training images.
 _STL10_SPLITS = {"train": "train+unlabeled", "test": "test", "labeled": "train", "unlabeled": "unlabeled"}
@@ -147,7 +162,7 @@ def num_classes(dataset: Dataset | str) -> int:
 
 
 def _check_split(name: str, split: str) -> None:
-    if split not in SPLITS[name]:
+    if SPLITS[name] and split not in SPLITS[name]:
         raise ValueError(f"unknown split {split!r} for dataset {name!r}; allowed: {list(SPLITS[name])}")
 
 
@@ -308,6 +323,10 @@ def build_dataset(
     in_chans: int = 3,
     on_bad_image: str = "skip",
     bad_image_log: str | os.PathLike | None = None,
+    decode_on: str = "workers",
+    image_key: str = "image",
+    label_key: str | None = "label",
+    list_cache: str | os.PathLike | None = None,
 ) -> Dataset:
     """Build a dataset of ``(transform(image), label)`` pairs; ``label`` is ``-1`` for unlabeled samples.
 
@@ -320,9 +339,14 @@ def build_dataset(
         transform: Applied to the PIL image (already converted to "L" or "RGB" per ``in_chans``).
         download: Let torchvision download missing datasets.
         in_chans: 1 or 3; images are converted to "L" or "RGB".
-        on_bad_image: imagefolder only: ``skip`` (default) or ``raise`` on a file that cannot be
-            decoded (see :class:`ImageFolderDataset`).
-        bad_image_log: imagefolder only: file that skipped files are appended to.
+        on_bad_image: encoded formats (:data:`ENCODED_DATASETS`): ``skip`` (default) or ``raise``
+            on an image that cannot be decoded (see :class:`~msn.data.decode.EncodedImages`).
+        bad_image_log: encoded formats: file that skipped images are appended to.
+        decode_on: encoded formats: ``workers`` (decoded and transformed here) or ``device``
+            (samples are the encoded bytes, decoded per batch by :func:`~msn.data.decode.decode_batch`).
+        image_key: hf only: the column of the images.
+        label_key: hf only: the column of the labels (None or a missing column: unlabeled).
+        list_cache: imagefolder only: folder that keeps the file list of a tree between runs.
 
     Raises:
         BadImageError: an image folder where none of the probed files decodes.
@@ -339,6 +363,15 @@ def build_dataset(
         return _build_digits(split, transform, in_chans)
     if name == "fashion_mnist":
         return _build_fashion_mnist(split, root, transform, download, in_chans)
+    encoded = {"on_bad_image": on_bad_image, "bad_image_log": bad_image_log, "decode_on": decode_on}
     if name == "imagefolder":
-        return build_imagefolder(split, root, transform, in_chans, on_bad_image, bad_image_log)
+        return build_imagefolder(split, root, transform, in_chans, list_cache=list_cache, **encoded)
+    if name == "hf":
+        from msn.data.hf import build_hf  # the `datasets` library is an optional extra
+
+        return build_hf(split, root, transform, in_chans, image_key=image_key, label_key=label_key, **encoded)
+    if name == "litdata":
+        from msn.data.streaming import build_litdata  # litdata is an optional extra
+
+        return build_litdata(split, root, transform, in_chans, **encoded)
     return _build_torchvision(name, split, root, transform, download, in_chans)

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from msn.backbone import PATCH_SIZES
 from msn.checks import ConfigError, is_int
 from msn.eval.reports import evaluation_problems, lowshot_json_keys
+from msn.training.precision import AUTO
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +35,17 @@ def _literal_values(t: Any) -> list[Any]:
     return [v for a in args for v in (_literal_values(a) if typing.get_args(a) else [a])]
 
 
-# What Lightning's Trainer accepts as precision.
-PRECISIONS: tuple[Any, ...] = tuple(_literal_values(_PRECISION_INPUT))
+# What trainer.precision accepts: Lightning's values, and auto (resolved by msn.training.precision
+# before the Trainer is built).
+PRECISIONS: tuple[Any, ...] = (*_literal_values(_PRECISION_INPUT), AUTO)
 # Data sets that come with the package (no folder to read).
 BUNDLED = ("digits",)
+# The data sets that read the user's own data.root, and what it must be.
+ROOTED = {
+    "imagefolder": "a folder of images",
+    "hf": "a Hugging Face dataset folder",
+    "litdata": "a folder written by msn-prepare, or its URL",
+}
 
 
 def _get(cfg: DictConfig, key: str, default: Any = None) -> Any:
@@ -205,16 +213,18 @@ def validate_config(cfg: DictConfig, environment: bool = True) -> None:
 
     name = _get(cfg, "data.name")
     root = _get(cfg, "data.root")
+
     check(
         name not in BUNDLED or root in (None, ""),
         f"data.root={root!r} is given, but data={name} is bundled and reads no folder; for your own "
         "images use data=imagefolder data.root=...",
     )
-    if name == "imagefolder":
+    if name in ROOTED:
         if root in (None, "", "???"):
-            problems.append("data.root is required for data=imagefolder (a folder of images)")
-        elif not Path(str(root)).expanduser().is_dir():
-            problems.append(f"data.root={root!r} does not exist or is not a folder (data=imagefolder)")
+            problems.append(f"data.root is required for data={name} ({ROOTED[name]})")
+        elif not (name == "litdata" and "://" in str(root)) and not Path(str(root)).expanduser().is_dir():
+            # A LitData root may be an object-store URL: LitData reads it.
+            problems.append(f"data.root={root!r} does not exist or is not a folder (data={name})")
 
     for key in ("ckpt_path", "init_from"):
         path = _get(cfg, key)

@@ -26,7 +26,7 @@ from msn.data import (
     num_classes,
 )
 from msn.data.datasets import DEFAULT_FASHION_MNIST_DIR, read_idx
-from msn.data.folders import BadImageError, bad_image_summary, read_bad_image_log
+from msn.data.decode import BadImageError, bad_image_summary, read_bad_image_log
 from msn.data.transforms import PILGaussianBlur, blur_kernel_size
 from tests.helpers import UNREADABLE, bad_image_folder
 
@@ -498,7 +498,8 @@ def test_datamodule_problems_are_the_data_node_rules() -> None:
     assert MSNDataModule.problems(
         name="mnist3d", num_workers=-2, on_bad_image="ignore", transform={"rand_views": 0}
     ) == [
-        "name='mnist3d' is unknown; allowed: digits, fashion_mnist, cifar10, cifar100, stl10, imagefolder",
+        "name='mnist3d' is unknown; allowed: digits, fashion_mnist, cifar10, cifar100, stl10, imagefolder, "
+        "hf, litdata",
         "num_workers=-2 must be an integer >= 0, or -1 for one per CPU core (max 8)",
         "on_bad_image='ignore' is unknown; allowed: skip, raise",
         "transform.rand_views must be an integer >= 1, got 0",
@@ -509,7 +510,7 @@ def test_datamodule_problems_are_the_data_node_rules() -> None:
     ]
     assert MSNDataModule.problems(name="imagefolder", augment_on="device") == [
         "augment_on=device with data.name=imagefolder needs data.load_size (e.g. 256): the images are "
-        "resized to one square size in the workers before batching"
+        "resized to one square size before batching"
     ]
 
 
@@ -572,7 +573,7 @@ def test_bad_images_are_listed_and_warned_about_once_per_run(tmp_path: Path, cap
     root = bad_image_folder(tmp_path / "images")
     log_file = tmp_path / "bad_images.txt"
     ds = build_dataset("imagefolder", "train", root=str(root), bad_image_log=log_file)
-    with caplog.at_level(logging.WARNING, logger="msn.data.folders"):
+    with caplog.at_level(logging.WARNING, logger="msn.data.decode"):
         # Each epoch's DataLoader workers start from a fresh copy of the dataset.
         for _epoch in range(3):
             worker = copy.deepcopy(ds)

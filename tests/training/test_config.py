@@ -82,7 +82,8 @@ def test_paper_recipes_match_reference(experiment, tmp_path):
         (
             ["trainer.precision=abc"],
             "trainer.precision='abc' is unknown; allowed: 64, 32, 16, transformer-engine, "
-            "transformer-engine-float16, 16-true, 16-mixed, bf16-true, bf16-mixed, 32-true, 64-true, bf16",
+            "transformer-engine-float16, 16-true, 16-mixed, bf16-true, bf16-mixed, 32-true, 64-true, bf16, "
+            "auto",
         ),
         (
             ["data.root=/some/folder"],
@@ -116,7 +117,7 @@ def test_paper_recipes_match_reference(experiment, tmp_path):
         (
             ["data.name=mnist3d"],
             "data.name='mnist3d' is unknown; allowed: digits, fashion_mnist, cifar10, cifar100, stl10, "
-            "imagefolder",
+            "imagefolder, hf, litdata",
         ),
         (["model.mask_mode=blocks"], "model.mask_mode='blocks' is unknown; allowed: shared, per_sample"),
         (["lowshot.shots=[0]"], "lowshot.shots=[0] must be a non-empty list of integers >= 1"),

@@ -32,7 +32,7 @@ from msn.cli.train import (
     without_foreign_default_recipe,
 )
 from msn.data import MSNDataModule
-from msn.data.folders import BadImageError
+from msn.data.decode import BadImageError
 from msn.eval.online import PrototypeCollapseWarning
 from msn.loss import MSNLoss
 from msn.module import MSNModule
