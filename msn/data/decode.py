@@ -46,6 +46,9 @@ ON_BAD_IMAGE: tuple[str, ...] = ("skip", "raise")
 DECODE_ON: tuple[str, ...] = ("workers", "device")
 # Unreadable images in a row after which a skipping dataset gives up: the data itself is broken.
 MAX_CONSECUTIVE_BAD = 100
+# Images decoded when a dataset is built, so that data without a single readable image fails
+# before training starts (spread over the dataset).
+PROBE_SAMPLES = 16
 # Per process, how many unreadable images are warned about one by one (all go to the log file).
 _MAX_BAD_IMAGE_WARNINGS = 20
 _JPEG_MAGIC = b"\xff\xd8\xff"
@@ -221,6 +224,30 @@ class EncodedImages:
         """``(path or encoded bytes, label, name)`` of sample ``index`` (an int, or the subclass's
         own index type for the first attempt)."""
         raise NotImplementedError
+
+    def probe(self, what: str, hint: str) -> None:
+        """Fail now when none of up to :data:`PROBE_SAMPLES` samples spread over the dataset
+        decodes: a few bad images are skipped during training, but data where not one of them
+        decodes (a wrong folder or column, all files broken) must not start a run.
+
+        Raises:
+            BadImageError: naming ``what`` was searched, a few reasons, and ``hint``.
+        """
+        n = len(self)
+        picks = sorted({int(i) for i in np.linspace(0, n - 1, min(n, PROBE_SAMPLES))})
+        errors = []
+        for i in picks:
+            source, _, name = self._read(i)
+            try:
+                load_image(source, self._mode, name)
+                return
+            except BadImageError as err:
+                errors.append(str(err))
+        checked = "all" if len(picks) == n else f"{len(picks)} (spread over them)"
+        raise BadImageError(
+            f"no readable image among the {n} {what}: {checked} checked, none decodes "
+            f"(e.g. {'; '.join(errors[:3])}). {hint}"
+        )
 
     def _encoded(self, index: int, key: Any = None) -> tuple[Any, int]:
         """Sample ``index`` (read as ``key`` when given, e.g. LitData's chunk index); an unreadable

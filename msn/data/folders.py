@@ -14,20 +14,15 @@ import time
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
-import numpy as np
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
-from msn.data.decode import BadImageError, EncodedImages, load_image
-from msn.data.transforms import image_mode
+from msn.data.decode import EncodedImages
 
 log = logging.getLogger(__name__)
 
 # torchvision's list (which lacks GIF) plus GIF; matching is case-insensitive (torchvision lower-cases names).
 IMAGE_EXTENSIONS: tuple[str, ...] = tuple(sorted(set(IMG_EXTENSIONS) | {".gif"}))
-# Files decoded when an image folder is built, so that a folder without a single readable image
-# fails before training starts (spread over the sorted file list).
-_PROBE_FILES = 16
 
 
 class ImageFolderDataset(EncodedImages, Dataset):
@@ -341,28 +336,6 @@ def _imagefolder_split_dir(root: str, split: str) -> str:
     )
 
 
-def _probe_readable(paths: Sequence[str], mode: str) -> None:
-    """Fail now when none of up to ``_PROBE_FILES`` files spread over ``paths`` decodes.
-
-    A few broken files are skipped during training; a folder where not even one of the probed
-    files is an image (wrong folder, all files broken) must not start a run.
-    """
-    picks = sorted({int(i) for i in np.linspace(0, len(paths) - 1, min(len(paths), _PROBE_FILES))})
-    errors = []
-    for i in picks:
-        try:
-            load_image(paths[i], mode)
-            return
-        except BadImageError as err:
-            errors.append(str(err))
-    checked = "all" if len(picks) == len(paths) else f"{len(picks)} (spread over the list)"
-    examples = "; ".join(errors[:3])
-    raise BadImageError(
-        f"no readable image among the {len(paths)} image files found: {checked} checked, none decodes "
-        f"(e.g. {examples}). Check data.root."
-    )
-
-
 def build_imagefolder(
     split: str,
     root: str | None,
@@ -383,7 +356,8 @@ def build_imagefolder(
             f"no images found under {directory!r} (data.root={root!r}); looked recursively for files with "
             f"extensions {', '.join(IMAGE_EXTENSIONS)}"
         )
-    _probe_readable([path for path, _ in samples], image_mode(in_chans))
-    return ImageFolderDataset(
+    dataset = ImageFolderDataset(
         samples, classes, directory, transform, in_chans, on_bad_image, bad_image_log, decode_on
     )
+    dataset.probe("image files found", "Check data.root.")
+    return dataset

@@ -37,8 +37,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from torch.utils.data import Dataset
 
-from msn.data.decode import BadImageError, EncodedImages, load_image
-from msn.data.transforms import image_mode
+from msn.data.decode import EncodedImages
 
 try:  # optional dependencies: only data=hf needs them (msn.data.datasets imports this lazily)
     import datasets
@@ -57,8 +56,6 @@ _SHARD = re.compile(r"^(?P<split>.+?)-\d{5}-of-\d{5}$")
 # save_to_disk names every shard data-NNNNN-of-NNNNN: "data" names no split.
 _NO_SPLIT = "data"
 _ALL, _TRAIN = "all", "train"
-# Rows decoded when a split is built, so that a wrong column or root stops before training.
-_PROBE_ROWS = 16
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -329,26 +326,6 @@ class HFImageDataset(EncodedImages, Dataset):
         return (b"" if value is None else value), int(self.targets[index]), self.name(index)
 
 
-def _probe_readable(dataset: HFImageDataset) -> None:
-    """Fail now when none of up to ``_PROBE_ROWS`` rows spread over the split decodes (a wrong
-    column or root must not start a run; a few bad rows are skipped during training)."""
-    n = len(dataset)
-    rows = sorted({int(i) for i in np.linspace(0, n - 1, min(n, _PROBE_ROWS))})
-    errors = []
-    for i in rows:
-        source, _, name = dataset._read(i)
-        try:
-            load_image(source, image_mode(dataset.in_chans), name)
-            return
-        except BadImageError as err:
-            errors.append(str(err))
-    raise BadImageError(
-        f"no readable image in column {dataset.image_key!r} of split {dataset.split!r}: {len(rows)} "
-        f"of {n} rows checked, none decodes (e.g. {'; '.join(errors[:3])}). Check data.root and "
-        "data.image_key."
-    )
-
-
 def build_hf(
     split: str,
     root: str | os.PathLike | None,
@@ -390,5 +367,5 @@ def build_hf(
     targets, classes = _labels(layout, label_key, ds)
     encoded = {"on_bad_image": on_bad_image, "bad_image_log": bad_image_log, "decode_on": decode_on}
     dataset = HFImageDataset(ds, root, split, targets, classes, image_key, transform, in_chans, **encoded)
-    _probe_readable(dataset)
+    dataset.probe(f"rows of column {image_key!r} of split {split!r}", "Check data.root and data.image_key.")
     return dataset

@@ -151,7 +151,10 @@ def build_litdata(
     if root is None:
         raise ValueError("data=litdata needs data.root: a folder written by msn-prepare (or its URL)")
     directory = _split_dir(os.fspath(root), split)
-    return StreamingImages(directory, transform, in_chans, on_bad_image, bad_image_log, decode_on)
+    dataset = StreamingImages(directory, transform, in_chans, on_bad_image, bad_image_log, decode_on)
+    if not is_remote(directory):  # remotely, the probe would fetch chunks spread over the data
+        dataset.probe(f"records of {directory}", "Check data.root.")
+    return dataset
 
 
 class _StreamLoader(StreamingDataLoader):

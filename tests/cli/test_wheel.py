@@ -150,7 +150,7 @@ def test_every_module_imports_from_the_installed_wheel(installed: Installed, tmp
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script", ["msn-train", "msn-finetune", "msn-export", "msn-extract"])
+@pytest.mark.parametrize("script", ["msn-train", "msn-finetune", "msn-export", "msn-extract", "msn-prepare"])
 def test_console_script_prints_its_composed_config(installed: Installed, tmp_path: Path, script: str) -> None:
     # One at a time: each is CPU-bound importing torch and Lightning; side by side they are slower.
     out = _check(installed.script(script, "--cfg", "job", cwd=tmp_path)).stdout

@@ -157,3 +157,14 @@ def test_decode_on_device_needs_views_made_on_the_device_and_encoded_files():
         MSNDataModule(name="digits", decode_on="device", augment_on="device")
     with pytest.raises(ValueError, match="decode_on must be one of"):
         MSNDataModule(name="digits", decode_on="gpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (nvJPEG)")
+def test_nvjpeg_on_cuda_decodes_what_the_host_decodes(images):
+    batch = [_encoded(img, "JPEG", f"{i}.jpg", quality=90) for i, img in enumerate(images)]
+    batch.append(_encoded(images[0], "PNG", "host.png"))  # decoded on the host, then moved
+    out = decode_batch(batch, in_chans=3, size=16, device="cuda")
+    assert out.device.type == "cuda" and out.shape == (5, 3, 16, 16)
+    host = decode_batch(batch, in_chans=3, size=16, device="cpu")
+    # nvJPEG's IDCT and upsampling may round differently from libjpeg-turbo's.
+    assert (out.cpu().int() - host.int()).abs().float().mean() < 2.0

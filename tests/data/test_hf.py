@@ -399,7 +399,9 @@ def test_bad_rows_are_skipped_listed_or_raise(bad_rows: Path, tmp_path: Path) ->
 def test_a_split_where_no_row_decodes_fails_at_build(tmp_path: Path) -> None:
     rows = {"image": [{"bytes": b"junk", "path": None}] * 3, "label": [0, 1, 2]}
     datasets.Dataset.from_dict(rows, features=_features(3)).save_to_disk(str(tmp_path / "junk"))
-    with pytest.raises(BadImageError, match=r"no readable image in column 'image' .* data\.image_key"):
+    expected = r"no readable image among the 3 rows of column 'image' of split 'train'"
+    expected += r": all .* data\.image_key"
+    with pytest.raises(BadImageError, match=expected):
         build_hf("train", tmp_path / "junk", None, 1)
 
 
