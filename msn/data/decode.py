@@ -217,9 +217,6 @@ class EncodedImages:
         # Indices found unreadable by this process: not read again.
         self._bad: set[int] = set()
 
-    def __len__(self) -> int:
-        raise NotImplementedError
-
     def _read(self, index: Any) -> tuple[str | bytes, int, str]:
         """``(path or encoded bytes, label, name)`` of sample ``index`` (an int, or the subclass's
         own index type for the first attempt)."""

@@ -95,9 +95,7 @@ class StreamingImages(EncodedImages, StreamingDataset):
         StreamingDataset.__init__(self, input_dir, shuffle=shuffle, seed=seed, drop_last=drop_last)
         self._init_encoded(transform, in_chans, on_bad_image, bad_image_log, decode_on)
         self.root = input_dir
-        self.sample_seed = seed
         self.return_seed = return_seed
-        self.seeded = shuffle
         meta = self._meta()
         self.classes: list[str] = list(meta.get("classes", []))
         self._targets: list[int] | None = meta.get("targets")
@@ -124,17 +122,14 @@ class StreamingImages(EncodedImages, StreamingDataset):
 
     def __getitem__(self, index: ChunkedIndex | int) -> Any:  # type: ignore[override]
         position = index.index if isinstance(index, ChunkedIndex) else int(index)
-        if not self.seeded:
+        if not self.shuffle:  # evaluation: deterministic transforms, nothing to seed
             return self._encoded(position, index)
-        seed = sample_seed(self.sample_seed, self.current_epoch, position)
+        seed = sample_seed(self.seed, self.current_epoch, position)
         # As SeededDataset does for map-style data: only torch's CPU generator, restored afterwards.
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(seed)
             image, label = self._encoded(position, index)
         return (image, label, seed) if self.return_seed else (image, label)
-
-    def __len__(self) -> int:
-        return StreamingDataset.__len__(self)
 
 
 def build_litdata(
