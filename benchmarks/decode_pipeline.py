@@ -69,7 +69,15 @@ def _cpu_seconds(fn: Callable[[], None]) -> tuple[float, float]:
 
 
 def main(argv: list[str]) -> None:
-    opts = {**DEFAULTS, **{k: v for k, v in (a.split("=", 1) for a in argv)}}
+    opts = dict(DEFAULTS)
+    for arg in argv:  # key=value, each key one of DEFAULTS and of its type
+        key, sep, raw = arg.partition("=")
+        if not sep or key not in DEFAULTS:
+            raise SystemExit(f"expected key=value with a key of {sorted(DEFAULTS)}, got {arg!r}")
+        try:
+            opts[key] = type(DEFAULTS[key])(raw)
+        except ValueError:
+            raise SystemExit(f"{key}={raw!r}: expected a {type(DEFAULTS[key]).__name__}") from None
     images, batch, load_size = int(opts["images"]), int(opts["batch"]), int(opts["load_size"])
     device = torch.device(str(opts["device"]))
     torch.set_num_threads(int(opts["threads"]))

@@ -15,6 +15,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from msn.cli.common import CONFIG_DIR
+from msn.data import MSNDataModule
 from msn.module import MSNModule
 
 M = TypeVar("M", bound=MSNModule)
@@ -61,6 +62,22 @@ def fit_steps(
     else:
         trainer.fit(model, data)
     return model
+
+
+def device_views_data(name: str, root: Path, log_dir: Path, decode_on: str, batch_size: int) -> MSNDataModule:
+    """Encoded images of ``name`` at ``root`` for :func:`tiny_module`: 16 px grey views made on the
+    device (one focal view), decoded per ``decode_on``, bad images listed in ``log_dir``."""
+    return MSNDataModule(
+        name=name,
+        root=str(root),
+        in_chans=1,
+        batch_size=batch_size,
+        augment_on="device",
+        decode_on=decode_on,
+        load_size=16,
+        transform={"rand_size": 16, "focal_size": 8, "focal_views": 1},
+        bad_image_log=log_dir / f"bad_{decode_on}.txt",
+    )
 
 
 def composed(config_name: str, *overrides: str, hydra: bool = False) -> DictConfig:

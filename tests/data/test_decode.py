@@ -15,7 +15,7 @@ from PIL import Image
 from msn.data import MSNDataModule
 from msn.data.decode import BadImageError, BadImageLog, EncodedImage, decode_batch, read_bad_image_log
 from msn.data.folders import build_imagefolder
-from tests.helpers import bad_image_folder, fit_steps, tiny_module
+from tests.helpers import bad_image_folder, device_views_data, fit_steps, tiny_module
 
 
 def _encoded(img: Image.Image, fmt: str, name: str, **save: object) -> EncodedImage:
@@ -117,24 +117,10 @@ def _jpeg_folder(root: Path, n: int = 12) -> Path:
     return root
 
 
-def _module(root: Path, tmp_path: Path, decode_on: str) -> MSNDataModule:
-    return MSNDataModule(
-        name="imagefolder",
-        root=str(root),
-        in_chans=1,
-        batch_size=4,
-        augment_on="device",
-        decode_on=decode_on,
-        load_size=16,
-        transform={"rand_size": 16, "focal_size": 8, "focal_views": 1},
-        bad_image_log=tmp_path / f"bad_{decode_on}.txt",
-    )
-
-
 def test_training_decodes_each_batch_on_the_device_and_skips_a_broken_jpeg(tmp_path):
     root = _jpeg_folder(tmp_path / "jpegs")
     model = tiny_module(seed=0)
-    dm = _module(root, tmp_path, "device")
+    dm = device_views_data("imagefolder", root, tmp_path, "device", batch_size=4)
     seen = []
     original = dm.on_after_batch_transfer
 

@@ -16,10 +16,10 @@ from PIL import Image
 
 pytest.importorskip("litdata")
 
-from msn.data import MSNDataModule, build_dataset  # noqa: E402
+from msn.data import build_dataset  # noqa: E402
 from msn.data.decode import BadImageError, EncodedImage, read_bad_image_log  # noqa: E402
 from msn.data.streaming import META_FILE, StreamingImages, prepare_litdata  # noqa: E402
-from tests.helpers import fit_steps, tiny_module  # noqa: E402
+from tests.helpers import device_views_data, fit_steps, tiny_module  # noqa: E402
 from tests.training.test_resume import TINY, _losses, _start, _wait_for_step  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -107,17 +107,7 @@ def test_unreadable_records_are_skipped_logged_or_raised(prepared, tmp_path):
 
 def test_a_few_training_steps_from_the_stream_with_views_and_decoding_on_the_device(prepared, tmp_path):
     for decode_on in ("workers", "device"):
-        dm = MSNDataModule(
-            name="litdata",
-            root=str(prepared),
-            in_chans=1,
-            batch_size=8,
-            augment_on="device",
-            decode_on=decode_on,
-            load_size=16,
-            transform={"rand_size": 16, "focal_size": 8, "focal_views": 1},
-            bad_image_log=tmp_path / f"bad_{decode_on}.txt",
-        )
+        dm = device_views_data("litdata", prepared, tmp_path, decode_on, batch_size=8)
         trainer = fit_steps(tiny_module(seed=0), dm, 3).trainer
         assert trainer.global_step == 3 and torch.isfinite(trainer.callback_metrics["train/loss"])
 
