@@ -97,6 +97,7 @@ FAST = [
     "model.num_prototypes=32",
     "lowshot.shots=[1]",
     "lowshot.seeds=[0]",
+    "report.enabled=false",
 ]
 
 

@@ -100,7 +100,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     evaluation, device = build_mode(cfg)
     ckpt = read_checkpoint(cfg.ckpt)
     datamodule = eval_datamodule(cfg.data, ckpt)
-    train_ds, test_ds = datamodule.eval_datasets()  # ValueError with a clear message if unlabeled
+    train_ds, test_ds = evaluation.datasets(datamodule)  # ValueError with a clear message if unlabeled
     run = EvalRun(
         train_ds=train_ds,
         test_ds=test_ds,

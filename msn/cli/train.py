@@ -34,6 +34,7 @@ from msn.data.decode import BadImageError, bad_image_summary
 from msn.eval.reports import MSN_ROW, EvalRun, build_evaluation
 from msn.io.load import init_msn_module
 from msn.module import REFERENCE_BATCH, global_batch, scaled_optim
+from msn.report import PAGE, REPORT_DIR, log_report_images
 from msn.training.checkpointing import CheckpointWriteError, ResumeCheckpoint
 from msn.training.config import validate_config, writable_problem
 from msn.training.guards import PreemptionHandler, TrainingAborted
@@ -177,6 +178,29 @@ def run_lowshot(model: Any, datamodule: Any, cfg: DictConfig, output_dir: Path) 
     return lowshot(run)
 
 
+def run_report(model: Any, datamodule: Any, cfg: DictConfig, output_dir: Path, loggers: list[Any]) -> str:
+    """The visual report of the trained model (the evaluation of ``cfg.report``, as
+    ``finetune.py mode=report`` runs it) into ``output_dir/report``; its PNGs also go to the
+    TensorBoard and wandb loggers among ``loggers``."""
+    report = build_evaluation("report", cfg.report)
+    dataset, _ = report.datasets(datamodule)
+    run = EvalRun(
+        train_ds=dataset,
+        test_ds=dataset,
+        dataset=cfg.data.name,
+        output_dir=output_dir,
+        seed=cfg.seed,
+        device=model.device,
+        datamodule=datamodule,
+        preloaded=model,
+    )
+    text = report(run)
+    sent = log_report_images(loggers, output_dir / REPORT_DIR, model.global_step)
+    if sent:
+        text += f"\n  images also logged to {', '.join(sent)}"
+    return text
+
+
 def objective_value(lowshot: dict[str, Any], column: str) -> float:
     """The number a hyper-parameter sweeper optimises: mean accuracy of the first MSN row of
     ``lowshot.json`` in ``column`` (``"1"`` for k=1, ``"10%"``, a subset file's stem ...)."""
@@ -281,6 +305,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             print("\n" + table, flush=True)
             result["lowshot_table"] = table
             result["lowshot"] = json.loads((output_dir / "lowshot.json").read_text())
+    if cfg.report.enabled and trainer.is_global_zero:
+        text = run_report(model, datamodule, cfg, output_dir, trainer.loggers)
+        print("\n" + text, flush=True)
+        result["report"] = str(output_dir / REPORT_DIR / PAGE)
     print(f"pre-training: {fit_seconds:.0f} s; outputs in {output_dir}", flush=True)
     return result
 

@@ -466,17 +466,29 @@ class MSNDataModule(L.LightningDataModule):
             ValueError: the dataset (or one of the chosen splits) has no labels or its files are missing.
         """
         if self._eval_datasets is None:
-            tf = eval_transform(
-                self.eval_img_size,
-                self.in_chans,
-                self.mean,
-                self.std,
-                self.eval_crop_pct,
-                self.transform.interpolation,
-            )
+            tf = self.eval_view()
             train, test = (self.labelled_split(key, tf) for key in ("eval_train_split", "eval_test_split"))
             self._eval_datasets = (train, test)
         return self._eval_datasets
+
+    def eval_view(self) -> Callable:
+        """The deterministic evaluation transform (resize, centre crop, normalise)."""
+        return eval_transform(
+            self.eval_img_size,
+            self.in_chans,
+            self.mean,
+            self.std,
+            self.eval_crop_pct,
+            self.transform.interpolation,
+        )
+
+    def report_dataset(self) -> tuple[Dataset, bool]:
+        """``(dataset, labelled)``: what the visual report looks at, with the evaluation transform:
+        the labelled evaluation train split, else (unlabelled data) the training split."""
+        try:
+            return self.eval_datasets()[0], True
+        except ValueError:
+            return self._build(self.train_split, self.eval_view()), False
 
     def labelled_split(self, key: str, transform: Callable) -> Dataset:
         """The labelled split ``data.<key>`` (``eval_train_split`` or ``eval_test_split``) with ``transform``.

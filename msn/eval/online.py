@@ -28,8 +28,15 @@ from msn.checks import int_problems, is_int, is_number, own_arguments, raise_pro
 from msn.eval.features import extract_features
 from msn.eval.knn import knn_accuracy
 from msn.eval.lowshot import lowshot_eval
+from msn.eval.rankme import effective_rank
 
-__all__ = ["CollapseRule", "OnlineEvalCallback", "OnlineEvalResult", "PrototypeCollapseWarning"]
+__all__ = [
+    "CollapseRule",
+    "OnlineEvalCallback",
+    "OnlineEvalResult",
+    "PrototypeCollapseWarning",
+    "RankCollapseWarning",
+]
 
 #: Seed of the permutation that picks the ``max_train`` / ``max_test`` subsets. Fixed, so every
 #: evaluation of a run (and of a resumed run) sees the same images and the curves are comparable.
@@ -43,6 +50,10 @@ _SETTLED_BN_BATCHES = 50
 
 class PrototypeCollapseWarning(UserWarning):
     """The target network assigns the images it looks at to only a few prototypes."""
+
+
+class RankCollapseWarning(UserWarning):
+    """The target features of the evaluated images span only a few directions (low RankMe)."""
 
 
 class CollapseRule:
@@ -69,19 +80,26 @@ class CollapseRule:
             problems.append(f"patience={patience} must be an integer >= 1")
         return problems
 
+    def completes(self, value: float, reachable: float) -> bool:
+        """One reading, ``value`` of at most ``reachable``: whether it completes a collapse that is
+        to be reported now (low, ``patience`` in a row, not reported since the last recovery)."""
+        if value >= self.fraction * reachable:
+            self.low_streak, self._reported = 0, False
+            return False
+        self.low_streak += 1
+        if self.low_streak < self.patience or self._reported:
+            return False
+        self._reported = True
+        return True
+
     def check(
         self, used: float, num_prototypes: int, images: int, when: str, observed: str, note: str = ""
     ) -> str | None:
         """One reading, ``used`` of ``num_prototypes`` prototypes over ``images`` images: the message if it
         completes a collapse (``when``: e.g. "at step 5"; ``observed``: what was measured), else None."""
         reachable = min(num_prototypes, images)  # at most one prototype per image
-        if used >= self.fraction * reachable:
-            self.low_streak, self._reported = 0, False
+        if not self.completes(used, reachable):
             return None
-        self.low_streak += 1
-        if self.low_streak < self.patience or self._reported:
-            return None
-        self._reported = True
         return (
             f"PROTOTYPE COLLAPSE {when}: {observed} only {used:g} of K={num_prototypes} prototypes "
             f"(< {self.fraction:g} x {reachable}). The representation is collapsing; try a lower learning "
@@ -89,9 +107,22 @@ class CollapseRule:
             f"(model.loss.sinkhorn_iterations=3) or a larger ME-MAX weight (model.loss.me_max_weight).{note}"
         )
 
+    def check_rank(self, rank: float, dim: int, images: int, when: str) -> str | None:
+        """One RankMe reading of ``images`` features of ``dim`` dimensions: the message if it
+        completes a (dimensional) collapse, else None."""
+        reachable = min(dim, images)
+        if not self.completes(rank, reachable):
+            return None
+        return (
+            f"FEATURE RANK COLLAPSE {when}: the effective rank (RankMe) of the target features of {images} "
+            f"test images is {rank:.2f} of at most {reachable} (< {self.fraction:g} x {reachable}): the "
+            "features span only a few directions. Try a lower learning rate (model.optim.ref_lr), Sinkhorn "
+            "on (model.loss.sinkhorn_iterations=3) or a larger ME-MAX weight (model.loss.me_max_weight)."
+        )
+
     @staticmethod
-    def warn(message: str) -> None:
-        rank_zero_warn(message, category=PrototypeCollapseWarning)
+    def warn(message: str, category: type[Warning] = PrototypeCollapseWarning) -> None:
+        rank_zero_warn(message, category=category)
 
 
 @dataclass
@@ -105,6 +136,8 @@ class OnlineEvalResult:
         num_train: labelled training (support) images evaluated.
         num_test: test images evaluated.
         skipped: why some low-shot k could not be evaluated (warned about, not fatal).
+        rankme: effective rank (:func:`msn.eval.rankme.effective_rank`) of the test features.
+        feature_dim: dimensions of those features.
     """
 
     knn: float
@@ -113,6 +146,8 @@ class OnlineEvalResult:
     num_train: int
     num_test: int
     skipped: list[str] = field(default_factory=list)
+    rankme: float = float("nan")
+    feature_dim: int = 0
 
     @property
     def num_prototypes(self) -> int:
@@ -191,7 +226,9 @@ class OnlineEvalCallback(L.Callback):
     4. appends a JSON line (epoch, step, knn, lowshot, num_used, counts, ...) to
        ``online_eval.jsonl`` in ``dirpath`` (default: ``trainer.log_dir``), independent of any logger;
     5. warns of a collapse (:class:`CollapseRule`): fewer than ``collapse_fraction * min(K, test
-       images)`` prototypes used, once until the usage recovers.
+       images)`` prototypes used, once until the usage recovers; and, the same way, of an effective
+       rank (RankMe, logged as ``online/rankme``) of the test features below ``rankme_fraction *
+       min(D, test images)``.
 
     The evaluation runs in eval mode (running BatchNorm statistics), under the trainer's
     precision context, and inside ``torch.random.fork_rng``: afterwards every submodule has its
@@ -214,6 +251,9 @@ class OnlineEvalCallback(L.Callback):
         on_first_epoch: also evaluate after the first epoch (an early sanity check).
         dirpath: folder of ``online_eval.jsonl``; None uses ``trainer.log_dir`` (the first
             logger's folder, else ``default_root_dir``).
+        rankme_fraction: warn (:class:`RankCollapseWarning`) when the effective rank (RankMe) of
+            the test features falls below this fraction of ``min(feature dim, test images)``;
+            0 never warns.
     """
 
     def __init__(
@@ -230,6 +270,7 @@ class OnlineEvalCallback(L.Callback):
         collapse_fraction: float = 0.1,
         on_first_epoch: bool = False,
         dirpath: str | Path | None = None,
+        rankme_fraction: float = 0.02,
     ) -> None:
         super().__init__()
         raise_problems(OnlineEvalCallback.problems(**own_arguments(locals())))
@@ -244,6 +285,7 @@ class OnlineEvalCallback(L.Callback):
         self.batch_size = int(batch_size)
         self.collapse_fraction = float(collapse_fraction)
         self.collapse = CollapseRule(self.collapse_fraction)
+        self.rank_collapse = CollapseRule(float(rankme_fraction))
         self.on_first_epoch = on_first_epoch
         self.dirpath = None if dirpath is None else Path(dirpath)
         # (train, test) after subsampling; None until fit start finds labelled data.
@@ -267,6 +309,7 @@ class OnlineEvalCallback(L.Callback):
                 problems.append(f"{name} must be null (all images) or an integer >= 1, got {a[name]!r}")
         problems += int_problems("batch_size", a["batch_size"], 1)
         problems += CollapseRule.problems(a["collapse_fraction"], fraction_key="collapse_fraction")
+        problems += CollapseRule.problems(a["rankme_fraction"], fraction_key="rankme_fraction")
         if not isinstance(a["on_first_epoch"], bool):
             problems.append(f"on_first_epoch must be true or false, got {a['on_first_epoch']!r}")
         return problems
@@ -360,12 +403,15 @@ class OnlineEvalCallback(L.Callback):
             num_train=len(train_y),
             num_test=len(test_y),
             skipped=skipped,
+            rankme=effective_rank(test_x),
+            feature_dim=int(test_x.shape[1]),
         )
 
     # ------------------------------------------------------------------ reporting
     def _log(self, trainer: L.Trainer, pl_module: L.LightningModule, result: OnlineEvalResult) -> None:
         metrics = {"online/num_prototypes_used": float(result.num_used)}
         metrics["online/knn"] = result.knn
+        metrics["online/rankme"] = result.rankme
         metrics.update({f"online/lowshot_{k}shot": mean for k, (mean, _) in result.lowshot.items()})
         # rank_zero_only: only rank 0 evaluates, so nothing may wait for the other ranks.
         # logger=False without loggers avoids Lightning's "no logger configured" warning.
@@ -405,6 +451,7 @@ class OnlineEvalCallback(L.Callback):
             "num_prototypes": result.num_prototypes,
             "num_train": result.num_train,
             "num_test": result.num_test,
+            "rankme": result.rankme,
             "counts": result.counts,
         }
         path = self._jsonl_path(trainer)
@@ -431,6 +478,11 @@ class OnlineEvalCallback(L.Callback):
         )
         if message:
             self.collapse.warn(message)
+        rank_message = self.rank_collapse.check_rank(
+            result.rankme, result.feature_dim, result.num_test, f"after epoch {epoch}"
+        )
+        if rank_message:
+            self.rank_collapse.warn(rank_message, RankCollapseWarning)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:

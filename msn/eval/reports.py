@@ -146,6 +146,11 @@ class Evaluation(ABC):
         """What is wrong with the values (empty when they can run); nothing here needs data."""
         return []
 
+    def datasets(self, datamodule: Any) -> tuple[Dataset, Dataset]:
+        """The ``(train, test)`` splits this evaluation runs on: the labelled evaluation splits
+        (ValueError when the data has none)."""
+        return datamodule.eval_datasets()
+
     @abstractmethod
     def __call__(self, run: EvalRun) -> str:
         """Run on ``run``, write the evaluation's files into ``run.output_dir`` and return the

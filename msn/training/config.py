@@ -247,6 +247,8 @@ def validate_config(cfg: DictConfig, environment: bool = True) -> None:
     if _get(cfg, "lowshot.enabled", False):
         # The rules of the lowshot.* values live with the evaluation they build.
         problems += evaluation_problems("lowshot", cfg.lowshot)
+    if _get(cfg, "report.enabled", False):
+        problems += evaluation_problems("report", cfg.report)
 
     metric = cfg.get("optimized_metric")
     if metric is not None:

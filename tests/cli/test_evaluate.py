@@ -17,6 +17,7 @@ from msn.eval.finetune import FineTuneEvaluation
 from msn.eval.knn import KnnEvaluation
 from msn.eval.linear_probe import LinearProbeEvaluation
 from msn.eval.reports import EvalRun, Evaluation, LowShotEvaluation, build_evaluation
+from msn.report import ReportEvaluation
 from tests.helpers import composed, tiny_module
 
 
@@ -96,7 +97,7 @@ def test_channel_mismatch_and_unknown_mode(ckpt, tmp_path):
     with pytest.raises(ConfigError, match=f"features='last7' is unknown; allowed: {allowed}"):
         evaluate(_cfg(tmp_path, f"ckpt={ckpt[0]}", "features=last7"))
     with pytest.raises(
-        ConfigError, match="mode='dance' is not available; allowed: lowshot, knn, linear, finetune$"
+        ConfigError, match="mode='dance' is not available; allowed: lowshot, knn, linear, finetune, report$"
     ):
         evaluate(_cfg(tmp_path, f"ckpt={ckpt[0]}", "mode=dance"))
 
@@ -178,6 +179,7 @@ def test_feature_kind_override_changes_features(ckpt, tmp_path):
         ("knn", KnnEvaluation),
         ("linear", LinearProbeEvaluation),
         ("finetune", FineTuneEvaluation),
+        ("report", ReportEvaluation),
     ],
 )
 def test_each_evaluation_is_built_from_its_yaml(tmp_path, mode, cls):
@@ -234,7 +236,7 @@ def test_a_new_evaluation_needs_a_yaml_and_a_defaults_entry_only(ckpt, tmp_path,
     (configs / "eval" / "echo.yaml").write_text(f"_target_: {__name__}.Echo\nword: hello\n")
     registry = [f"hydra.searchpath=[file://{configs}]", "+eval@echo=echo"]  # the registry line
     cfg = _cfg(tmp_path / "out", f"ckpt={ckpt[0]}", *registry, "mode=echo", "echo.word=hi")
-    assert evaluation_modes(cfg) == ["lowshot", "knn", "linear", "finetune", "echo"]
+    assert evaluation_modes(cfg) == ["lowshot", "knn", "linear", "finetune", "report", "echo"]
     with caplog.at_level("INFO", logger="msn"):
         out = evaluate(cfg)
     assert out["report"] == "echo hi: 1347 train images, features (2, 96)"
@@ -242,5 +244,5 @@ def test_a_new_evaluation_needs_a_yaml_and_a_defaults_entry_only(ckpt, tmp_path,
     assert f"results in {tmp_path / 'out'}" in caplog.text
     with pytest.raises(ConfigError, match="echo.word must not be empty"):
         evaluate(_cfg(tmp_path, f"ckpt={ckpt[0]}", *registry, "mode=echo", "echo.word="))
-    with pytest.raises(ConfigError, match="allowed: lowshot, knn, linear, finetune, echo$"):
+    with pytest.raises(ConfigError, match="allowed: lowshot, knn, linear, finetune, report, echo$"):
         evaluate(_cfg(tmp_path, f"ckpt={ckpt[0]}", *registry, "mode=echoes"))

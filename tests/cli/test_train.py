@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,9 +28,21 @@ def _train(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_two_step_run_checkpoints_and_prints_lowshot_table(tmp_path):
-    proc = _train(tmp_path)
+    report = [
+        "report.enabled=true",
+        "report.attention_images=4",
+        "report.max_images=100",
+        "report.embedding=tsne",
+    ]
+    proc = _train(tmp_path, "logger=many", *report)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "MSN target encoder" in proc.stdout and "raw pixels" in proc.stdout
+    # The visual report comes last, its images also in TensorBoard.
+    figures = "attention.png, embedding.png, prototypes.png, curves.png, lowshot.png"
+    assert f"report: {tmp_path / 'report' / 'index.html'} ({figures})" in proc.stdout
+    assert "images also logged to tensorboard" in proc.stdout
+    assert json.loads((tmp_path / "report" / "report.json").read_text())["step"] == 2
+    shutil.rmtree(tmp_path / "report")
     # The effective recipe comes first.
     assert "recipe digits (experiment=digits):" in proc.stdout
     assert "model    vit_nano/8 (96 wide, 4 blocks), head 64-128, 32 prototypes" in proc.stdout
@@ -54,11 +67,17 @@ def test_two_step_run_checkpoints_and_prints_lowshot_table(tmp_path):
 
     # ckpt_path=last resumes from this run dir and continues the step count
     proc = _train(
-        tmp_path, "ckpt_path=last", "trainer.max_steps=4", "trainer.max_epochs=2", "lowshot.enabled=false"
+        tmp_path,
+        "logger=many",
+        "ckpt_path=last",
+        "trainer.max_steps=4",
+        "trainer.max_epochs=2",
+        "lowshot.enabled=false",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
     assert state["global_step"] == 4
+    assert not (tmp_path / "report").exists()  # report.enabled=false (FAST)
     # The console holds what a user needs: no advertising, no warnings about Lightning internals.
     for text in ("Tip:", "deprecated", "Be aware that", "dirpath has changed"):
         assert text not in proc.stdout + proc.stderr, text

@@ -11,14 +11,17 @@ import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 
 from msn.data import MSNDataModule
+from msn.eval.features import extract_features
 from msn.eval.online import (
     JSONL_NAME,
     CollapseRule,
     OnlineEvalCallback,
     OnlineEvalResult,
     PrototypeCollapseWarning,
+    RankCollapseWarning,
     _subsample,
 )
+from msn.eval.rankme import effective_rank
 from msn.module import MSNModule
 from tests.helpers import tiny_module
 
@@ -84,12 +87,14 @@ def test_fit_logs_online_metrics_and_leaves_training_untouched(tmp_path):
         for name in ("online/knn", "online/lowshot_1shot", "online/lowshot_5shot"):
             assert 0.0 <= float(row[name]) <= 100.0
         assert 1 <= float(row["online/num_prototypes_used"]) <= K
+        assert 1 <= float(row["online/rankme"]) <= 96  # the features' dimension
 
     # the JSON-lines record (into trainer.log_dir, here the CSV logger's folder)
     lines = (tmp_path / "with" / "csv" / JSONL_NAME).read_text().splitlines()
     records = [json.loads(line) for line in lines]
     assert [r["epoch"] for r in records] == [0, 1]
     assert [r["step"] for r in records] == [2, 4]
+    assert [r["rankme"] for r in records] == pytest.approx([float(row["online/rankme"]) for row in rows])
     for r in records:
         assert len(r["counts"]) == K and sum(r["counts"]) == r["num_test"] == 100
         assert r["num_train"] == 200
@@ -124,6 +129,46 @@ def test_evaluate_keeps_rng_and_module_modes():
     # deterministic: the same numbers on a second call
     again = cb.evaluate(model, train_ds, test_ds)
     assert (again.knn, again.lowshot, again.counts) == (result.knn, result.lowshot, result.counts)
+
+
+def test_rankme_is_the_effective_rank_of_the_test_features():
+    model = _module()
+    train_ds, test_ds = _datamodule().eval_datasets()
+    train_ds, test_ds = _subsample(train_ds, 60), _subsample(test_ds, 40)
+    result = OnlineEvalCallback(shots=(1,)).evaluate(model, train_ds, test_ds)
+    model.eval()
+    feats, _ = extract_features(model.features, test_ds, progress=False)
+    assert result.rankme == pytest.approx(effective_rank(feats), rel=1e-6)
+    assert result.feature_dim == 96
+
+
+def test_rank_collapse_warns_once_until_it_recovers(tmp_path):
+    model = _module()
+    # Every image the same features: RankMe 1, below 0.1 x min(96, 40).
+    model.features = lambda x: torch.ones(x.shape[0], 96)
+    cb = OnlineEvalCallback(
+        every_n_epochs=1,
+        shots=(1,),
+        max_train=50,
+        max_test=40,
+        collapse_fraction=0,
+        rankme_fraction=0.1,
+        dirpath=tmp_path,
+    )
+    with pytest.warns(
+        RankCollapseWarning,
+        match=r"FEATURE RANK COLLAPSE after epoch 0: .* 40 test images is 1.00 of at most 40",
+    ):
+        _fit(tmp_path, [cb], model=model, epochs=1, batches=1, logger=False)
+    assert json.loads((tmp_path / JSONL_NAME).read_text())["rankme"] == pytest.approx(1.0, rel=1e-4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RankCollapseWarning)
+        OnlineEvalCallback(rankme_fraction=0, shots=(1,))._check_collapse(
+            OnlineEvalResult(0.0, {}, [1] * K, 50, 40, rankme=1.0, feature_dim=96), epoch=0
+        )  # 0 never warns
+    rule = CollapseRule(0.1)
+    assert rule.check_rank(1.0, 96, 40, "now") and not rule.check_rank(1.0, 96, 40, "again")
+    assert not rule.check_rank(20.0, 96, 40, "healthy") and rule.check_rank(1.0, 96, 40, "later")
 
 
 def test_subsample_is_fixed_sorted_and_bounded():
