@@ -482,9 +482,10 @@ class MSNDataModule(L.LightningDataModule):
             self.transform.interpolation,
         )
 
-    def report_dataset(self) -> tuple[Dataset, bool]:
-        """``(dataset, labelled)``: what the visual report looks at, with the evaluation transform:
-        the labelled evaluation train split, else (unlabelled data) the training split."""
+    def eval_images(self) -> tuple[Dataset, bool]:
+        """``(dataset, labelled)``: the images that evaluations needing no labels look at (the
+        visual report, RankMe), with the evaluation transform: the labelled evaluation train split,
+        else (unlabelled data) the training split."""
         try:
             return self.eval_datasets()[0], True
         except ValueError:

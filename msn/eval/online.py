@@ -234,7 +234,9 @@ class OnlineEvalCallback(L.Callback):
     precision context, and inside ``torch.random.fork_rng``: afterwards every submodule has its
     previous mode back and the training run's torch RNG is where it was, so adding the callback
     does not change the training itself. Without labels (or without a datamodule that has
-    ``eval_datasets``) it warns once at fit start and does nothing.
+    ``eval_datasets``) it warns once at fit start; with a datamodule that has ``eval_images`` (an
+    :class:`~msn.data.MSNDataModule`) it then logs what needs no labels, the prototype usage and
+    RankMe of up to ``max_test`` training images, and otherwise does nothing.
 
     Args:
         every_n_epochs: evaluate after epochs ``n, 2n, 3n, ...`` (1-based).
@@ -288,8 +290,8 @@ class OnlineEvalCallback(L.Callback):
         self.rank_collapse = CollapseRule(float(rankme_fraction))
         self.on_first_epoch = on_first_epoch
         self.dirpath = None if dirpath is None else Path(dirpath)
-        # (train, test) after subsampling; None until fit start finds labelled data.
-        self._datasets: tuple[Dataset, Dataset] | None = None
+        # (train, test) after subsampling; train None for unlabelled data; None until fit start.
+        self._datasets: tuple[Dataset | None, Dataset] | None = None
         self._warned: set[str] = set()
 
     @staticmethod
@@ -330,10 +332,21 @@ class OnlineEvalCallback(L.Callback):
         try:
             train_ds, test_ds = eval_datasets()
         except ValueError as err:  # unlabeled data is a normal use of MSN, not a failure
+            images = getattr(trainer.datamodule, "eval_images", None)
+            if images is None:
+                self._warn_once(
+                    "no_labels",
+                    f"OnlineEvalCallback: no labelled evaluation data ({err}); "
+                    "online evaluation is disabled for this run.",
+                )
+                return
+            # What needs no labels still runs: prototype usage and RankMe on training images.
+            unlabelled = _subsample(images()[0], self.max_test)
+            self._datasets = (None, unlabelled)
             self._warn_once(
                 "no_labels",
-                f"OnlineEvalCallback: no labelled evaluation data ({err}); "
-                "online evaluation is disabled for this run.",
+                f"OnlineEvalCallback: no labelled evaluation data ({err}); logging only the prototype usage "
+                f"and the effective rank (RankMe) of {len(unlabelled)} training images, no kNN or low-shot.",  # type: ignore[arg-type]
             )
             return
         self._datasets = (_subsample(train_ds, self.max_train), _subsample(test_ds, self.max_test))
@@ -356,9 +369,10 @@ class OnlineEvalCallback(L.Callback):
         return (epoch + 1) % self.every_n_epochs == 0 or (self.on_first_epoch and epoch == 0)
 
     def evaluate(
-        self, pl_module: Any, train_ds: Dataset, test_ds: Dataset, precision: Any | None = None
+        self, pl_module: Any, train_ds: Dataset | None, test_ds: Dataset, precision: Any | None = None
     ) -> OnlineEvalResult:
-        """kNN, low-shot accuracy and prototype usage of ``pl_module`` on the given datasets.
+        """kNN, low-shot accuracy, prototype usage and RankMe of ``pl_module`` on the given datasets
+        (``train_ds`` None: unlabelled ``test_ds``, no kNN (NaN) and no low-shot).
 
         ``pl_module`` needs ``features``, ``prototype_probs``, ``prototypes`` and ``device``
         (an :class:`~msn.module.MSNModule`). ``precision`` is the trainer's precision plugin, so
@@ -379,17 +393,18 @@ class OnlineEvalCallback(L.Callback):
             )
 
         with torch.random.fork_rng(devices=rng_devices), _frozen_eval_mode(pl_module), forward:
-            train_x, train_y = run(pl_module.features, train_ds)
+            train_x, train_y = run(pl_module.features, train_ds) if train_ds is not None else (None, None)
             test_x, test_y = run(pl_module.features, test_ds)
             # argmax as a (B, 1) "feature": extract_features then batches and collects it for us.
             assigned, _ = run(lambda x: pl_module.prototype_probs(x).argmax(dim=1, keepdim=True), test_ds)
 
         skipped: list[str] = []
-        # A subsampled support set can be smaller than knn_k; fewer neighbours beat no number.
-        knn_k = min(self.knn_k, len(train_y))
-        knn = knn_accuracy(train_x, train_y, test_x, test_y, knn_k, self.knn_temperature)
-        lowshot: dict[int, tuple[float, float]] = {}
-        for k in self.shots:
+        knn, lowshot = float("nan"), {}  # type: float, dict[int, tuple[float, float]]
+        if train_x is not None:
+            # A subsampled support set can be smaller than knn_k; fewer neighbours beat no number.
+            knn_k = min(self.knn_k, len(train_y))
+            knn = knn_accuracy(train_x, train_y, test_x, test_y, knn_k, self.knn_temperature)
+        for k in self.shots if train_x is not None else ():
             try:
                 lowshot.update(lowshot_eval(train_x, train_y, test_x, test_y, (k,), self.seeds, self.lambd))
             except ValueError as err:  # some class has fewer than k images in the (sub)set
@@ -400,7 +415,7 @@ class OnlineEvalCallback(L.Callback):
             knn=knn,
             lowshot=lowshot,
             counts=[int(c) for c in counts],
-            num_train=len(train_y),
+            num_train=0 if train_y is None else len(train_y),
             num_test=len(test_y),
             skipped=skipped,
             rankme=effective_rank(test_x),
@@ -409,9 +424,9 @@ class OnlineEvalCallback(L.Callback):
 
     # ------------------------------------------------------------------ reporting
     def _log(self, trainer: L.Trainer, pl_module: L.LightningModule, result: OnlineEvalResult) -> None:
-        metrics = {"online/num_prototypes_used": float(result.num_used)}
-        metrics["online/knn"] = result.knn
-        metrics["online/rankme"] = result.rankme
+        metrics = {"online/num_prototypes_used": float(result.num_used), "online/rankme": result.rankme}
+        if result.num_train:
+            metrics["online/knn"] = result.knn
         metrics.update({f"online/lowshot_{k}shot": mean for k, (mean, _) in result.lowshot.items()})
         # rank_zero_only: only rank 0 evaluates, so nothing may wait for the other ranks.
         # logger=False without loggers avoids Lightning's "no logger configured" warning.
@@ -445,7 +460,7 @@ class OnlineEvalCallback(L.Callback):
         record = {
             "epoch": epoch,
             "step": step,
-            "knn": result.knn,
+            "knn": result.knn if result.num_train else None,
             "lowshot": {str(k): {"mean": m, "std": s} for k, (m, s) in result.lowshot.items()},
             "num_used": result.num_used,
             "num_prototypes": result.num_prototypes,

@@ -122,9 +122,9 @@ def plot_attention(
             if i == 0:
                 ax.set_title(column_titles[j], fontsize=8)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout(rect=(0, 0, 0.9, 0.97))
-    if overlay is not None:
-        bar = fig.add_axes((0.92, 0.1, 0.02, 0.8))
+    fig.tight_layout(rect=(0, 0, 0.84, 0.97))
+    if overlay is not None:  # room on the right for the bar and its label
+        bar = fig.add_axes((0.86, 0.1, 0.025, 0.8))
         fig.colorbar(overlay, cax=bar).set_label("attention weight of the class token", fontsize=8)
     fig.savefig(path)
     plt.close(fig)

@@ -138,7 +138,7 @@ class ReportEvaluation(Evaluation):
 
     def datasets(self, datamodule: Any) -> tuple[Dataset, Dataset]:
         # Unlabelled data is fine here: its embedding map is drawn in one colour.
-        dataset, _ = datamodule.report_dataset()
+        dataset, _ = datamodule.eval_images()
         return dataset, dataset
 
     def __call__(self, run: EvalRun) -> str:

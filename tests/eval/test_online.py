@@ -224,16 +224,49 @@ class UnlabeledDigits(MSNDataModule):
         raise ValueError("evaluation needs labels")
 
 
-def test_unlabeled_data_warns_once_and_does_nothing(tmp_path):
-    cb = OnlineEvalCallback(every_n_epochs=1)
+def test_unlabeled_data_warns_once_and_logs_what_needs_no_labels(tmp_path):
+    cb = OnlineEvalCallback(every_n_epochs=1, max_test=50)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        _fit(tmp_path, [cb], datamodule=_datamodule(UnlabeledDigits))
+        model, _ = _fit(tmp_path, [cb], datamodule=_datamodule(UnlabeledDigits))
     ours = [w for w in caught if "OnlineEvalCallback" in str(w.message)]
     assert len(ours) == 1 and "no labelled evaluation data" in str(ours[0].message)
-    assert not (tmp_path / "csv" / JSONL_NAME).exists()
+    assert "only the prototype usage and the effective rank (RankMe) of 50 training images" in str(
+        ours[0].message
+    )
+    records = [json.loads(line) for line in (tmp_path / "csv" / JSONL_NAME).read_text().splitlines()]
+    assert len(records) == 2 and all(
+        r["knn"] is None and r["lowshot"] == {} and r["num_train"] == 0 for r in records
+    )
+    assert all(r["num_test"] == sum(r["counts"]) == 50 and r["rankme"] >= 1 for r in records)
     with open(tmp_path / "csv" / "metrics.csv") as f:
-        assert "online/knn" not in f.readline()
+        header = f.readline()
+    assert "online/knn" not in header and "online/rankme" in header and "online/num_prototypes_used" in header
+    # The images are the training split with the evaluation view: the same RankMe from outside.
+    images, labelled = _datamodule(UnlabeledDigits).eval_images()
+    assert not labelled
+    model.eval()
+    feats, _ = extract_features(model.features, _subsample(images, 50), progress=False)
+    assert records[-1]["rankme"] == pytest.approx(effective_rank(feats), rel=1e-5)
+
+
+def test_without_eval_images_unlabeled_data_disables_the_callback(tmp_path):
+    class Bare(L.LightningDataModule):
+        def __init__(self):
+            super().__init__()
+            self.inner = _datamodule()
+
+        def train_dataloader(self):
+            self.inner.setup("fit")
+            return self.inner.train_dataloader()
+
+        def eval_datasets(self):
+            raise ValueError("evaluation needs labels")
+
+    cb = OnlineEvalCallback(every_n_epochs=1)
+    with pytest.warns(UserWarning, match="online evaluation is disabled for this run"):
+        _fit(tmp_path, [cb], datamodule=Bare())
+    assert not (tmp_path / "csv" / JSONL_NAME).exists()
 
 
 def test_histograms_go_to_tensorboard_and_wandb(tmp_path, monkeypatch):
