@@ -156,14 +156,15 @@ def startup_notes(
     return notes
 
 
-def run_lowshot(model: Any, datamodule: Any, cfg: DictConfig, output_dir: Path) -> str | None:
-    """Low-shot table of the trained target encoder (the evaluation of ``cfg.lowshot``, as
-    ``finetune.py mode=lowshot`` runs it); None when the data has no labels."""
-    lowshot = build_evaluation("lowshot", cfg.lowshot)
+def run_evaluation(key: str, model: Any, datamodule: Any, cfg: DictConfig, output_dir: Path) -> str | None:
+    """The evaluation ``cfg.<key>`` (``lowshot``, ``report``) of the trained model, as
+    ``finetune.py mode=<key>`` runs it; None when the data has none of what it needs (labels for
+    the low-shot table)."""
+    evaluation = build_evaluation(key, cfg[key])
     try:
-        train_ds, test_ds = datamodule.eval_datasets()
+        train_ds, test_ds = evaluation.datasets(datamodule)
     except ValueError as err:  # unlabeled data: nothing to evaluate, not an error
-        log.info("skipping low-shot evaluation: %s", err)
+        log.info("skipping the %s evaluation: %s", key, err)
         return None
     run = EvalRun(
         train_ds=train_ds,
@@ -175,30 +176,7 @@ def run_lowshot(model: Any, datamodule: Any, cfg: DictConfig, output_dir: Path) 
         datamodule=datamodule,
         preloaded=model,
     )
-    return lowshot(run)
-
-
-def run_report(model: Any, datamodule: Any, cfg: DictConfig, output_dir: Path, loggers: list[Any]) -> str:
-    """The visual report of the trained model (the evaluation of ``cfg.report``, as
-    ``finetune.py mode=report`` runs it) into ``output_dir/report``; its PNGs also go to the
-    TensorBoard and wandb loggers among ``loggers``."""
-    report = build_evaluation("report", cfg.report)
-    dataset, _ = report.datasets(datamodule)
-    run = EvalRun(
-        train_ds=dataset,
-        test_ds=dataset,
-        dataset=cfg.data.name,
-        output_dir=output_dir,
-        seed=cfg.seed,
-        device=model.device,
-        datamodule=datamodule,
-        preloaded=model,
-    )
-    text = report(run)
-    sent = log_report_images(loggers, output_dir / REPORT_DIR, model.global_step)
-    if sent:
-        text += f"\n  images also logged to {', '.join(sent)}"
-    return text
+    return evaluation(run)
 
 
 def objective_value(lowshot: dict[str, Any], column: str) -> float:
@@ -300,13 +278,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         return result
 
     if cfg.lowshot.enabled and trainer.is_global_zero:
-        table = run_lowshot(model, datamodule, cfg, output_dir)
+        table = run_evaluation("lowshot", model, datamodule, cfg, output_dir)
         if table is not None:
             print("\n" + table, flush=True)
             result["lowshot_table"] = table
             result["lowshot"] = json.loads((output_dir / "lowshot.json").read_text())
     if cfg.report.enabled and trainer.is_global_zero:
-        text = run_report(model, datamodule, cfg, output_dir, trainer.loggers)
+        text = run_evaluation("report", model, datamodule, cfg, output_dir) or ""
+        sent = log_report_images(trainer.loggers, output_dir / REPORT_DIR, model.global_step)
+        if sent:
+            text += f"\n  images also logged to {', '.join(sent)}"
         print("\n" + text, flush=True)
         result["report"] = str(output_dir / REPORT_DIR / PAGE)
     print(f"pre-training: {fit_seconds:.0f} s; outputs in {output_dir}", flush=True)

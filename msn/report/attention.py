@@ -15,6 +15,7 @@ from torch import Tensor
 
 from msn.backbone import embed_tokens
 from msn.masking import keep_indices, num_kept
+from msn.report.figure import pyplot, save
 
 
 @torch.no_grad()
@@ -83,10 +84,7 @@ def plot_attention(
         grid: (rows, cols) of the patch grid.
         keep: (B, rows, cols) from :func:`anchor_keep_mask`.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     b, heads, _ = attention.shape
     rows, cols = grid
@@ -126,6 +124,4 @@ def plot_attention(
     if overlay is not None:  # room on the right for the bar and its label
         bar = fig.add_axes((0.86, 0.1, 0.025, 0.8))
         fig.colorbar(overlay, cax=bar).set_label("attention weight of the class token", fontsize=8)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save(fig, path, tight=False)

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from msn.report.figure import pyplot, save
+
 #: The panels: title, y-axis label, the metric columns drawn (those present), log scale.
 PANELS: tuple[tuple[str, str, tuple[str, ...], bool], ...] = (
     ("loss", "nats", ("train/loss", "train/ce"), False),
@@ -71,10 +73,7 @@ def _columns(metrics: dict[str, tuple[np.ndarray, np.ndarray]], pattern: str) ->
 def plot_curves(metrics: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, *, title: str) -> Path:
     """One panel per entry of :data:`PANELS` that has data, against the optimizer step (long,
     noisy series faint, with a moving average over 1/50 of the run on top)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     panels = []
     for name, unit, patterns, log in PANELS:
@@ -112,7 +111,4 @@ def plot_curves(metrics: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, *
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save(fig, path)

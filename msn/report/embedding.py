@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from msn.report.figure import pyplot, save
+
 EMBEDDING_METHODS = ("auto", "umap", "tsne")
 #: Dimensions kept by the PCA in front of t-SNE / UMAP (the usual speed-up; most variance stays).
 PCA_DIMS = 50
@@ -66,10 +68,7 @@ def plot_embedding(
 ) -> Path:
     """``embedding.png``: the 2-D points, one colour per label (a legend of class names when
     ``classes`` names them), one colour for all without labels."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6.5, 5.5), dpi=120)
     size = max(2.0, min(12.0, 12000 / len(points)))
@@ -100,7 +99,4 @@ def plot_embedding(
     ax.set_xlabel("map axis 1 (no unit)")
     ax.set_ylabel("map axis 2 (no unit)")
     ax.set_title(title, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save(fig, path)

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from msn.report.figure import pyplot, save
+
 
 def prototype_usage(assigned: np.ndarray, num_prototypes: int) -> np.ndarray:
     """(K,) counts: images whose argmax prototype is each one (``assigned``: (N,) indices)."""
@@ -24,10 +26,7 @@ def prototype_similarity(prototypes: Tensor) -> np.ndarray:
 def plot_prototypes(counts: np.ndarray, similarity: np.ndarray, path: Path, *, title: str) -> Path:
     """Three panels: usage sorted high to low; the similarity matrix with the prototypes in that
     order; the histogram of the off-diagonal similarities (pairs of used prototypes apart)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     k = len(counts)
     order = np.argsort(-counts, kind="stable")
@@ -62,7 +61,4 @@ def plot_prototypes(counts: np.ndarray, similarity: np.ndarray, path: Path, *, t
     ax.set_title("off-diagonal similarities", fontsize=9)
     ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save(fig, path)

@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from PIL import Image
 
 from msn.checks import ConfigError
-from msn.cli.train import objective_value, run_lowshot
+from msn.cli.train import objective_value, run_evaluation
 from msn.eval.reports import EvalRun, LowShotEvaluation, build_evaluation
 from tests.helpers import FAST, composed, tiny_module
 
@@ -147,7 +147,7 @@ def test_end_of_training_table_is_the_lowshot_evaluation(tmp_path, monkeypatch):
     runs = []
     call = LowShotEvaluation.__call__
     monkeypatch.setattr(LowShotEvaluation, "__call__", lambda self, run: runs.append(run) or call(self, run))
-    table = run_lowshot(model, datamodule, cfg, tmp_path / "train")
+    table = run_evaluation("lowshot", model, datamodule, cfg, tmp_path / "train")
     assert len(runs) == 1 and runs[0].model is model and runs[0].cache is None
     assert table.splitlines()[0].startswith("Low-shot accuracy (%), digits:")
     # What finetune.py mode=lowshot prints for the same model, from the same config node.

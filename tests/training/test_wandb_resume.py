@@ -90,3 +90,22 @@ def test_recorded_logger_ids_of_a_checkpoint_without_them_is_empty(tmp_path):
     assert recorded_logger_ids(tmp_path / "old.ckpt") == {}
     torch.save({LOGGERS_KEY: {WANDB_RUN_ID: "x1"}}, tmp_path / "new.ckpt")
     assert recorded_logger_ids(tmp_path / "new.ckpt") == {WANDB_RUN_ID: "x1"}
+
+
+def test_report_images_go_to_wandb(offline_wandb, tmp_path):
+    from lightning.pytorch.loggers import WandbLogger
+    from PIL import Image
+
+    from msn.report import log_report_images
+
+    report = tmp_path / "report"
+    report.mkdir()
+    Image.new("RGB", (30, 20), (10, 200, 10)).save(report / "attention.png")
+    logger = WandbLogger(offline=True, save_dir=str(tmp_path / "run"), project="msn")
+    assert log_report_images([logger], report, step=3) == ["wandb"]
+    offline_wandb.finish()
+    (run_dir,) = (tmp_path / "run" / "wandb").glob("offline-run-*")
+    media = list((run_dir / "files" / "media" / "images" / "report").glob("attention_*.png"))
+    assert len(media) == 1
+    with Image.open(media[0]) as image:
+        assert image.size == (30, 20)
