@@ -12,8 +12,8 @@ For every ``--run DATA=CKPT``:
 2. How much of the class token's patch attention (last block of the target encoder, mean over
    heads, 256 evaluation views) falls on the object, for the checkpoint and for the same
    architecture untrained: ``sum_p a_p f_p / mean_p f_p``, with ``f_p`` the share of object pixels
-   (grey level above a quarter of the range) in patch ``p``. 1 is what uniform attention gives;
-   above 1, attention concentrates on the object.
+   (grey level above a quarter of the range) in patch ``p``, for the mean over heads and for each
+   head. 1 is what uniform attention gives; above 1, attention concentrates on the object.
 """
 
 from __future__ import annotations
@@ -61,18 +61,20 @@ def report_cost(data: str, ckpt: str, method: str, out: Path) -> dict:
     return {"wall": wall, **record["seconds"], "images": record["images"]}
 
 
-def object_share(model, images: torch.Tensor, mean: float, std: float) -> float:
-    """``sum_p a_p f_p / mean_p f_p``, averaged over images."""
-    attention = cls_attention(model.target_encoder, images).mean(dim=1)
-    attention = attention / attention.sum(dim=1, keepdim=True)
+def object_share(model, images: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """(heads + 1,): ``sum_p a_p f_p / mean_p f_p`` averaged over images, for the mean over heads
+    and for every head."""
+    attention = cls_attention(model.target_encoder, images)  # (B, heads, N)
+    attention = torch.cat([attention.mean(dim=1, keepdim=True), attention], dim=1)
+    attention = attention / attention.sum(dim=-1, keepdim=True)
     p = model.target_encoder.patch_embed.patch_size[0]
     grid = (images.shape[-2] // p, images.shape[-1] // p)
     pixels = images.mean(dim=1, keepdim=True) * std + mean  # back to [0, 1]
-    f = torch.nn.functional.adaptive_avg_pool2d((pixels > 0.25).float(), grid).flatten(1)
-    return float(((attention * f).sum(dim=1) / f.mean(dim=1).clamp_min(1e-6)).mean())
+    f = torch.nn.functional.adaptive_avg_pool2d((pixels > 0.25).float(), grid).flatten(1)[:, None]
+    return ((attention * f).sum(dim=-1) / f.mean(dim=-1).clamp_min(1e-6)).mean(dim=0)
 
 
-def attention_on_object(data: str, ckpt_path: str) -> tuple[str, float, float]:
+def attention_on_object(data: str, ckpt_path: str) -> tuple[str, torch.Tensor, torch.Tensor]:
     from hydra import compose, initialize_config_dir
 
     ckpt = read_checkpoint(ckpt_path)

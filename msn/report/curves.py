@@ -103,6 +103,7 @@ def plot_curves(metrics: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, *
         if log and all(metrics[c][1].min() > 0 for c in columns):
             ax.set_yscale("log")
         ax.set_title(name, fontsize=9)
+        ax.locator_params(axis="x", nbins=5)  # long runs: step labels must not overlap
         ax.set_xlabel("step")
         ax.set_ylabel(unit)
         ax.grid(alpha=0.3)
