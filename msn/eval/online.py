@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -57,12 +58,14 @@ class RankCollapseWarning(UserWarning):
 
 
 class CollapseRule:
-    """When the prototypes count as collapsed, and the one message and warning that say so.
+    """When the prototypes (:meth:`check`) or the feature rank (:meth:`check_rank`) count as
+    collapsed, and the one message and warning that say so.
 
-    A reading (the caller's measurement: targets of training batches, assignments of test images)
-    is low when fewer than ``fraction * min(K, images)`` prototypes are used; ``patience`` low
-    readings in a row are a collapse, reported once, and again only after a reading that is not low.
-    ``fraction`` 0 never reports.
+    A reading (the caller's measurement: targets of training batches, assignments of test images,
+    RankMe of test features) is low when below ``fraction`` of the most it can be (``min(K,
+    images)`` prototypes, ``min(D, images)`` dimensions); ``patience`` low readings in a row are a
+    collapse, reported once, and again only after a reading that is not low. ``fraction`` 0 never
+    reports. One instance follows one kind of reading.
     """
 
     def __init__(self, fraction: float, patience: int = 1) -> None:
@@ -107,15 +110,17 @@ class CollapseRule:
             f"(model.loss.sinkhorn_iterations=3) or a larger ME-MAX weight (model.loss.me_max_weight).{note}"
         )
 
-    def check_rank(self, rank: float, dim: int, images: int, when: str) -> str | None:
-        """One RankMe reading of ``images`` features of ``dim`` dimensions: the message if it
-        completes a (dimensional) collapse, else None."""
+    def check_rank(
+        self, rank: float, dim: int, images: int, when: str, what: str = "test images"
+    ) -> str | None:
+        """One RankMe reading of the features (``dim`` dimensions) of ``images`` ``what``: the
+        message if it completes a (dimensional) collapse, else None."""
         reachable = min(dim, images)
-        if not self.completes(rank, reachable):
+        if not math.isfinite(rank) or not self.completes(rank, reachable):  # NaN: not measured
             return None
         return (
             f"FEATURE RANK COLLAPSE {when}: the effective rank (RankMe) of the target features of {images} "
-            f"test images is {rank:.2f} of at most {reachable} (< {self.fraction:g} x {reachable}): the "
+            f"{what} is {rank:.2f} of at most {reachable} (< {self.fraction:g} x {reachable}): the "
             "features span only a few directions. Try a lower learning rate (model.optim.ref_lr), Sinkhorn "
             "on (model.loss.sinkhorn_iterations=3) or a larger ME-MAX weight (model.loss.me_max_weight)."
         )
@@ -487,14 +492,15 @@ class OnlineEvalCallback(L.Callback):
                 f" Caveat: the BatchNorm running statistics have seen only {bn_batches} batches "
                 "so far; eval-mode assignments this early can look collapsed when training is fine."
             )
-        observed = f"the target network assigns the {result.num_test} evaluated test images to"
+        what = "test images" if result.num_train else "training images"  # unlabelled data: training images
+        observed = f"the target network assigns the {result.num_test} evaluated {what} to"
         message = self.collapse.check(
             result.num_used, result.num_prototypes, result.num_test, f"after epoch {epoch}", observed, note
         )
         if message:
             self.collapse.warn(message)
         rank_message = self.rank_collapse.check_rank(
-            result.rankme, result.feature_dim, result.num_test, f"after epoch {epoch}"
+            result.rankme, result.feature_dim, result.num_test, f"after epoch {epoch}", what
         )
         if rank_message:
             self.rank_collapse.warn(rank_message, RankCollapseWarning)

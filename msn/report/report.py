@@ -148,17 +148,19 @@ class ReportEvaluation(Evaluation):
         model = run.model
         model.eval()
         ckpt = run.checkpoint
-        meta = ckpt.meta if ckpt is not None else {}
-        step = int(model.global_step) if ckpt is None else int(meta.get("global_step", meta.get("epoch", -1)))
+        position = _position(model, ckpt)
         where = str(run.output_dir) if ckpt is None else ckpt.source
-        page = _Page(tag=f"{where}, step {step}" if step >= 0 else where)
+        page = _Page(tag=f"{where}, {position}" if position else where)
+        step = int(model.global_step) if ckpt is None else ckpt.meta.get("global_step")
         page.numbers.update(step=step, labelled=has_labels(run.train_ds))
 
         with page.timed("attention"):
             self._attention(run, model, out, page)
         with page.timed("features"):
             subset = seeded_subset(run.train_ds, self.max_images, run.seed)
-            feats, labels = extract_features(model.features, subset, **self._forward(model))
+            feats, labels = extract_features(
+                model.features, subset, desc="report: features", **self._forward(model)
+            )
             page.numbers.update(
                 images=len(feats), feature_dim=int(feats.shape[1]), rankme=effective_rank(feats)
             )
@@ -175,7 +177,7 @@ class ReportEvaluation(Evaluation):
         rank, n = page.numbers["rankme"], min(feats.shape)
         facts = [
             ("run", where),
-            ("step", str(step) if step >= 0 else "unknown"),
+            ("trained for", position or "not recorded in the checkpoint"),
             (
                 "data",
                 f"{run.dataset}: {len(run.train_ds):,} images"  # type: ignore[arg-type]
@@ -189,7 +191,7 @@ class ReportEvaluation(Evaluation):
         ]
         write_page(
             out / PAGE,
-            title=f"MSN report: {run.dataset}" + (f", step {step}" if step >= 0 else ""),
+            title=f"MSN report: {run.dataset}" + (f", {position}" if position else ""),
             facts=facts,
             figures=page.figures,
             skipped=page.skipped,
@@ -207,7 +209,7 @@ class ReportEvaluation(Evaluation):
 
     # ------------------------------------------------------------------ the figures
     def _forward(self, model: Any) -> dict[str, Any]:
-        return {"batch_size": self.batch_size, "device": model.device, "progress": False}
+        return {"batch_size": self.batch_size, "device": model.device}
 
     def _attention(self, run: EvalRun, model: Any, out: Path, page: _Page) -> None:
         pick = seeded_subset(run.train_ds, self.attention_images, run.seed)
@@ -270,7 +272,10 @@ class ReportEvaluation(Evaluation):
             page.skipped.append(f"prototypes.png: the checkpoint ({ckpt.format}) holds no prototypes")
             return
         assigned, _ = extract_features(
-            lambda x: model.prototype_probs(x).argmax(dim=1, keepdim=True), subset, **self._forward(model)
+            lambda x: model.prototype_probs(x).argmax(dim=1, keepdim=True),
+            subset,
+            desc="report: prototypes",
+            **self._forward(model),
         )
         counts = prototype_usage(assigned[:, 0], int(model.prototypes.shape[0]))
         used, k, n = int((counts > 0).sum()), len(counts), len(assigned)
@@ -329,6 +334,18 @@ class ReportEvaluation(Evaluation):
                 )
             )
         return json.loads((source / "lowshot.json").read_text())
+
+
+def _position(model: Any, ckpt: Any) -> str | None:
+    """How far the model was trained: ``step N`` (a model in memory, our checkpoints), ``epoch N``
+    (official checkpoints), None when the checkpoint does not say."""
+    if ckpt is None:
+        return f"step {int(model.global_step)}"
+    if "global_step" in ckpt.meta:
+        return f"step {int(ckpt.meta['global_step'])}"
+    if "epoch" in ckpt.meta:
+        return f"epoch {int(ckpt.meta['epoch'])}"
+    return None
 
 
 def _config_text(source: Path, run: EvalRun) -> str | None:

@@ -169,6 +169,7 @@ def test_rank_collapse_warns_once_until_it_recovers(tmp_path):
     rule = CollapseRule(0.1)
     assert rule.check_rank(1.0, 96, 40, "now") and not rule.check_rank(1.0, 96, 40, "again")
     assert not rule.check_rank(20.0, 96, 40, "healthy") and rule.check_rank(1.0, 96, 40, "later")
+    assert rule.check_rank(float("nan"), 96, 40, "not measured") is None
 
 
 def test_subsample_is_fixed_sorted_and_bounded():

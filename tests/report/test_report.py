@@ -110,6 +110,8 @@ def test_a_checkpoint_without_prototypes_or_run_records(tmp_path):
     assert "not drawn: curves.png: no metrics.csv in" in out["report"]
     page = (tmp_path / "out" / REPORT_DIR / PAGE).read_text()
     assert "Not in this report" in page and "no lowshot.json in" in page
+    assert "not recorded in the checkpoint" in page  # timm weights say nothing of their step
+    assert json.loads((tmp_path / "out" / REPORT_DIR / "report.json").read_text())["step"] is None
 
 
 def test_a_file_of_another_kind_gets_the_message_of_the_other_modes(tmp_path):
