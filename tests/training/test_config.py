@@ -126,6 +126,8 @@ def test_paper_recipes_match_reference(experiment, tmp_path):
             ["lowshot.lambd=[0.1,-1]"],
             "lowshot.lambd=[0.1, -1] must be a number > 0 or a non-empty list of them",
         ),
+        (["report.embedding=pca"], "report.embedding='pca' is unknown; allowed: auto, umap, tsne"),
+        (["report.max_images=0"], "report.max_images must be an integer >= 4, got 0"),
         (["ckpt_path=/no/such.ckpt"], "ckpt_path='/no/such.ckpt': no such checkpoint file"),
         (["init_from=/no/such.ckpt"], "init_from='/no/such.ckpt': no such checkpoint file"),
         # ranges
