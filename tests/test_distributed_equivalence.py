@@ -312,6 +312,7 @@ def test_multirun_with_two_processes_per_job_writes_each_job_to_its_own_folder(t
         "model.head.hidden_dim=64",
         "model.num_prototypes=32",
         "lowshot.enabled=false",
+        "report.enabled=false",
         "model.mask_ratio=0.1,0.2",
     ]
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo"}

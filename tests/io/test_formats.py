@@ -345,6 +345,7 @@ def test_train_py_continues_from_a_full_official_checkpoint(tmp_path):
         "trainer.enable_progress_bar=false",
         "data.batch_size=16",
         "lowshot.enabled=false",
+        "report.enabled=false",
     ]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
