@@ -1,6 +1,6 @@
 """``msn-export``: a checkpoint's encoder for other libraries (formats: :mod:`msn.io.export`).
 
-    msn-export ckpt=outputs/digits/<run>/checkpoints/last.ckpt format=hf out=exported/hf
+msn-export ckpt=outputs/digits/<run>/checkpoints/last.ckpt format=hf out=exported/hf
 """
 
 from __future__ import annotations

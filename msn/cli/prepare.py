@@ -1,6 +1,6 @@
 """``msn-prepare``: an image folder as LitData's optimized chunks, for ``data=litdata``.
 
-    msn-prepare src=/path/to/images out=/path/to/chunks
+msn-prepare src=/path/to/images out=/path/to/chunks
 """
 
 from __future__ import annotations

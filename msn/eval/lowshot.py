@@ -39,6 +39,7 @@ from msn.eval.splits import (
 #: Regularisation of the official low-shot runs (MSN README: ``--lambd 0.0025``).
 DEFAULT_LAMBD = 0.0025
 
+
 def _check_features(x: np.ndarray, name: str) -> np.ndarray:
     """Return ``x`` as a 2-D array; reject non-finite values (e.g. a diverged encoder)."""
     x = np.asarray(x)
@@ -60,7 +61,6 @@ def _check_pair(x: np.ndarray, y: np.ndarray, split: str) -> tuple[np.ndarray, n
 def _check_lambd(lambd: float) -> None:
     if not np.isfinite(lambd) or lambd <= 0:
         raise ValueError(f"lambd must be a finite positive number, got {lambd}")
-
 
 
 CENTERINGS = ("row", "train_mean")

@@ -23,13 +23,14 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 
 from msn.checks import int_problems, is_int, is_number, own_arguments, raise_problems
 from msn.eval.features import extract_features
 from msn.eval.knn import knn_accuracy
 from msn.eval.lowshot import lowshot_eval
 from msn.eval.rankme import effective_rank
+from msn.eval.splits import subsample
 
 __all__ = [
     "CollapseRule",
@@ -173,18 +174,6 @@ def _int_list_problems(name: str, values: Any, minimum: int | None) -> list[str]
         return []
     bound = f" >= {minimum}" if minimum is not None else ""
     return [f"{name} must contain integers{bound}, got {list(values)!r}"]
-
-
-def _subsample(dataset: Dataset, max_items: int | None) -> Dataset:
-    """At most ``max_items`` items of ``dataset``: a fixed-seed random subset, in dataset order."""
-    n = len(dataset)  # type: ignore[arg-type]
-    if max_items is None or n <= max_items:
-        return dataset
-    # A private generator: the global RNG of the training run must not move.
-    generator = torch.Generator().manual_seed(SUBSAMPLE_SEED)
-    # Sorted indices keep the reads in file order (cheaper on disk-backed image folders).
-    indices = torch.randperm(n, generator=generator)[:max_items].sort().values
-    return Subset(dataset, indices.tolist())
 
 
 def _batchnorm_batches_seen(module: torch.nn.Module) -> int | None:
@@ -346,7 +335,7 @@ class OnlineEvalCallback(L.Callback):
                 )
                 return
             # What needs no labels still runs: prototype usage and RankMe on training images.
-            unlabelled = _subsample(images()[0], self.max_test)
+            unlabelled = subsample(images()[0], self.max_test, SUBSAMPLE_SEED)
             self._datasets = (None, unlabelled)
             self._warn_once(
                 "no_labels",
@@ -354,7 +343,10 @@ class OnlineEvalCallback(L.Callback):
                 f"and the effective rank (RankMe) of {len(unlabelled)} training images, no kNN or low-shot.",  # type: ignore[arg-type]
             )
             return
-        self._datasets = (_subsample(train_ds, self.max_train), _subsample(test_ds, self.max_test))
+        self._datasets = (
+            subsample(train_ds, self.max_train, SUBSAMPLE_SEED),
+            subsample(test_ds, self.max_test, SUBSAMPLE_SEED),
+        )
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Evaluate, log, record and check for collapse when this epoch is due."""

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 from torch.utils.data import Dataset, Subset
 
 from msn.data.datasets import stored_targets
@@ -41,7 +42,6 @@ def check_labels(labels: np.ndarray, name: str = "labels") -> np.ndarray:
     return labels.astype(np.int64, copy=False)
 
 
-
 def check_percent(percent: float) -> None:
     if (
         isinstance(percent, bool)
@@ -50,7 +50,6 @@ def check_percent(percent: float) -> None:
         or not 0 < percent <= 100
     ):
         raise ValueError(f"percent (lowshot.percents) must be a number in (0, 100], got {percent!r}")
-
 
 
 def sample_per_class(
@@ -196,7 +195,6 @@ def _add_split(splits: dict[str, list[np.ndarray]], name: str, idx: list[np.ndar
     splits[name] = idx
 
 
-
 def read_subset_file(path: str | Path, key: str = "lowshot.subset_files") -> list[str]:
     """Image file names of an official subset file: one name per line, blank lines ignored.
 
@@ -291,3 +289,16 @@ def subset_file_indices(dataset: Dataset, subset_files: Sequence[str | Path]) ->
             raise ValueError(f"{SUBSET_KEY}: two subset files share the name {path.stem!r}")
         out[path.stem] = match_subset(names, paths, source=f"{SUBSET_KEY} {str(path)!r}")
     return out
+
+
+def subsample(dataset: Dataset, max_items: int | None, seed: int) -> Dataset:
+    """At most ``max_items`` items of ``dataset`` (None: all): a random subset fixed by ``seed``,
+    in dataset order."""
+    n = len(dataset)  # type: ignore[arg-type]
+    if max_items is None or n <= max_items:
+        return dataset
+    # A private generator: the global RNG (of a training run) must not move.
+    generator = torch.Generator().manual_seed(seed)
+    # Sorted indices keep the reads in file order (cheaper on disk-backed image folders).
+    indices = torch.randperm(n, generator=generator)[:max_items].sort().values
+    return Subset(dataset, indices.tolist())

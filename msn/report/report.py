@@ -16,13 +16,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 
 from msn.checks import int_problems
 from msn.data.datasets import has_labels
 from msn.eval.features import extract_features
 from msn.eval.rankme import effective_rank
 from msn.eval.reports import EvalRun, Evaluation
+from msn.eval.splits import subsample
 from msn.report.attention import anchor_keep_mask, cls_attention, plot_attention
 from msn.report.curves import plot_curves, read_metrics
 from msn.report.embedding import embed_2d, plot_embedding, resolve_method
@@ -55,14 +56,6 @@ def metrics_file(run_dir: Path) -> Path | None:
         *sorted(run_dir.glob("*/metrics.csv")),
     ]
     return next((c for c in candidates if c.is_file()), None)
-
-
-def seeded_subset(dataset: Dataset, size: int, seed: int) -> Dataset:
-    """At most ``size`` items of ``dataset``: a fixed-seed random subset, in dataset order."""
-    n = len(dataset)  # type: ignore[arg-type]
-    if n <= size:
-        return dataset
-    return Subset(dataset, np.sort(np.random.default_rng(seed).choice(n, size, replace=False)).tolist())
 
 
 def log_report_images(loggers: list[Any], report_dir: Path, step: int) -> list[str]:
@@ -157,7 +150,7 @@ class ReportEvaluation(Evaluation):
         with page.timed("attention"):
             self._attention(run, model, out, page)
         with page.timed("features"):
-            subset = seeded_subset(run.train_ds, self.max_images, run.seed)
+            subset = subsample(run.train_ds, self.max_images, run.seed)
             feats, labels = extract_features(
                 model.features, subset, desc="report: features", **self._forward(model)
             )
@@ -212,7 +205,7 @@ class ReportEvaluation(Evaluation):
         return {"batch_size": self.batch_size, "device": model.device}
 
     def _attention(self, run: EvalRun, model: Any, out: Path, page: _Page) -> None:
-        pick = seeded_subset(run.train_ds, self.attention_images, run.seed)
+        pick = subsample(run.train_ds, self.attention_images, run.seed)
         images = torch.stack([pick[i][0] for i in range(len(pick))])  # type: ignore[arg-type]
         attention = cls_attention(model.target_encoder, images.to(model.device)).cpu()
         p = model.target_encoder.patch_embed.patch_size[0]

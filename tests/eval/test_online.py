@@ -14,14 +14,15 @@ from msn.data import MSNDataModule
 from msn.eval.features import extract_features
 from msn.eval.online import (
     JSONL_NAME,
+    SUBSAMPLE_SEED,
     CollapseRule,
     OnlineEvalCallback,
     OnlineEvalResult,
     PrototypeCollapseWarning,
     RankCollapseWarning,
-    _subsample,
 )
 from msn.eval.rankme import effective_rank
+from msn.eval.splits import subsample
 from msn.module import MSNModule
 from tests.helpers import tiny_module
 
@@ -118,7 +119,7 @@ def test_evaluate_keeps_rng_and_module_modes():
     model = _module()
     model.target_head.eval()  # a mixed state must come back exactly, not as a blanket train()
     train_ds, test_ds = _datamodule().eval_datasets()
-    train_ds, test_ds = _subsample(train_ds, 100), _subsample(test_ds, 30)
+    train_ds, test_ds = subsample(train_ds, 100, SUBSAMPLE_SEED), subsample(test_ds, 30, SUBSAMPLE_SEED)
     cb = OnlineEvalCallback(shots=(1,), max_train=100, max_test=30)
     state = torch.get_rng_state()
     result = cb.evaluate(model, train_ds, test_ds)
@@ -134,7 +135,7 @@ def test_evaluate_keeps_rng_and_module_modes():
 def test_rankme_is_the_effective_rank_of_the_test_features():
     model = _module()
     train_ds, test_ds = _datamodule().eval_datasets()
-    train_ds, test_ds = _subsample(train_ds, 60), _subsample(test_ds, 40)
+    train_ds, test_ds = subsample(train_ds, 60, SUBSAMPLE_SEED), subsample(test_ds, 40, SUBSAMPLE_SEED)
     result = OnlineEvalCallback(shots=(1,)).evaluate(model, train_ds, test_ds)
     model.eval()
     feats, _ = extract_features(model.features, test_ds, progress=False)
@@ -174,9 +175,10 @@ def test_rank_collapse_warns_once_until_it_recovers(tmp_path):
 
 def test_subsample_is_fixed_sorted_and_bounded():
     data = list(range(50))
-    a, b = _subsample(data, 10), _subsample(data, 10)
+    a, b = subsample(data, 10, SUBSAMPLE_SEED), subsample(data, 10, SUBSAMPLE_SEED)
     assert a.indices == b.indices == sorted(a.indices) and len(a) == 10
-    assert _subsample(data, 50) is data and _subsample(data, None) is data
+    assert subsample(data, 50, SUBSAMPLE_SEED) is data and subsample(data, None, SUBSAMPLE_SEED) is data
+    assert subsample(data, 10, SUBSAMPLE_SEED + 1).indices != a.indices  # the seed picks the subset
 
 
 def test_collapse_warning(tmp_path):
@@ -247,7 +249,7 @@ def test_unlabeled_data_warns_once_and_logs_what_needs_no_labels(tmp_path):
     images, labelled = _datamodule(UnlabeledDigits).eval_images()
     assert not labelled
     model.eval()
-    feats, _ = extract_features(model.features, _subsample(images, 50), progress=False)
+    feats, _ = extract_features(model.features, subsample(images, 50, SUBSAMPLE_SEED), progress=False)
     assert records[-1]["rankme"] == pytest.approx(effective_rank(feats), rel=1e-5)
 
 
