@@ -284,12 +284,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             result["lowshot_table"] = table
             result["lowshot"] = json.loads((output_dir / "lowshot.json").read_text())
     if cfg.report.enabled and trainer.is_global_zero:
-        text = run_evaluation("report", model, datamodule, cfg, output_dir) or ""
-        sent = log_report_images(trainer.loggers, output_dir / REPORT_DIR, model.global_step)
-        if sent:
-            text += f"\n  images also logged to {', '.join(sent)}"
-        print("\n" + text, flush=True)
-        result["report"] = str(output_dir / REPORT_DIR / PAGE)
+        text = run_evaluation("report", model, datamodule, cfg, output_dir)
+        if text is not None:
+            sent = log_report_images(trainer.loggers, output_dir / REPORT_DIR, model.global_step)
+            if sent:
+                text += f"\n  images also logged to {', '.join(sent)}"
+            print("\n" + text, flush=True)
+            result["report"] = str(output_dir / REPORT_DIR / PAGE)
     print(f"pre-training: {fit_seconds:.0f} s; outputs in {output_dir}", flush=True)
     return result
 
