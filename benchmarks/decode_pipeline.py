@@ -36,6 +36,7 @@ from torchvision.transforms import v2 as T
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.keyvalue import parse_key_values  # noqa: E402
 from msn.data.batched import BatchedMultiView  # noqa: E402
 from msn.data.datasets import DEFAULT_FASHION_MNIST_DIR, read_idx  # noqa: E402
 from msn.data.decode import EncodedImage, decode_batch, load_image  # noqa: E402
@@ -69,15 +70,7 @@ def _cpu_seconds(fn: Callable[[], None]) -> tuple[float, float]:
 
 
 def main(argv: list[str]) -> None:
-    opts = dict(DEFAULTS)
-    for arg in argv:  # key=value, each key one of DEFAULTS and of its type
-        key, sep, raw = arg.partition("=")
-        if not sep or key not in DEFAULTS:
-            raise SystemExit(f"expected key=value with a key of {sorted(DEFAULTS)}, got {arg!r}")
-        try:
-            opts[key] = type(DEFAULTS[key])(raw)
-        except ValueError:
-            raise SystemExit(f"{key}={raw!r}: expected a {type(DEFAULTS[key]).__name__}") from None
+    opts = {**DEFAULTS, **parse_key_values(argv, DEFAULTS)}
     images, batch, load_size = int(opts["images"]), int(opts["batch"]), int(opts["load_size"])
     device = torch.device(str(opts["device"]))
     torch.set_num_threads(int(opts["threads"]))

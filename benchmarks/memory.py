@@ -43,6 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.keyvalue import dataclass_defaults, parse_key_values  # noqa: E402
 from msn.ema import ema_update_  # noqa: E402
 from msn.module import MSNModule  # noqa: E402
 
@@ -70,14 +71,7 @@ class Config:
 
 
 def parse(argv: list[str]) -> Config:
-    fields = {f.name: f for f in dataclasses.fields(Config)}
-    values: dict[str, object] = {}
-    for arg in argv:
-        key, sep, raw = arg.partition("=")
-        if not sep or key not in fields:
-            raise SystemExit(f"expected key=value with a key of {sorted(fields)}, got {arg!r}")
-        values[key] = type(fields[key].default)(raw)
-    return Config(**values)
+    return Config(**parse_key_values(argv, dataclass_defaults(Config)))
 
 
 def device_of(cfg: Config) -> torch.device:

@@ -62,6 +62,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
+from benchmarks.keyvalue import dataclass_defaults, parse_key_values  # noqa: E402
 from msn import backbone  # noqa: E402
 from msn.ema import ema_update_  # noqa: E402
 from msn.masking import num_kept  # noqa: E402
@@ -145,26 +146,13 @@ GPU_PEAK_TFLOPS = {
 
 def parse(argv: list[str]) -> Config:
     """``key=value`` arguments -> Config (a preset first, then the other keys on top of it)."""
-    pairs = {}
-    for arg in argv:
-        if "=" not in arg:
-            raise SystemExit(
-                f"expected key=value, got {arg!r}; keys: {[f.name for f in dataclasses.fields(Config)]}"
-            )
-        key, value = arg.split("=", 1)
-        pairs[key] = value
-    fields = {f.name: f for f in dataclasses.fields(Config)}
-    unknown = set(pairs) - set(fields)
-    if unknown:
-        raise SystemExit(f"unknown keys {sorted(unknown)}; allowed: {sorted(fields)}")
+    given = parse_key_values(argv, dataclass_defaults(Config))
     values: dict[str, object] = {}
-    if pairs.get("preset"):
-        if pairs["preset"] not in PRESETS:
-            raise SystemExit(f"preset={pairs['preset']!r} is unknown; allowed: {list(PRESETS)}")
-        values.update(PRESETS[pairs["preset"]])
-    for key, raw in pairs.items():
-        kind = type(Config.__dataclass_fields__[key].default)
-        values[key] = kind(raw)
+    if given.get("preset"):
+        if given["preset"] not in PRESETS:
+            raise SystemExit(f"preset={given['preset']!r} is unknown; allowed: {list(PRESETS)}")
+        values.update(PRESETS[given["preset"]])
+    values.update(given)
     cfg = Config(**values)
     if cfg.data != "synthetic":
         raise SystemExit("data=synthetic is the only data of this benchmark (random views made once)")
