@@ -154,6 +154,8 @@ def parse(argv: list[str]) -> Config:
         values.update(PRESETS[given["preset"]])
     values.update(given)
     cfg = Config(**values)
+    if cfg.warmup < 1:  # run_variant checks the loss of the warm-up steps before timing
+        raise SystemExit(f"warmup={cfg.warmup}: at least 1 warm-up step")
     if cfg.data != "synthetic":
         raise SystemExit("data=synthetic is the only data of this benchmark (random views made once)")
     return cfg
