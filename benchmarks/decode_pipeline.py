@@ -17,7 +17,9 @@ the figure is per core; a GPU's share runs on the GPU and is reported apart:
   on the CPU), then the same batched views.
 
 "Cores per 1,000 images/s" is 1,000 x (host CPU seconds per image); on a GPU machine the device
-part leaves the host cores.
+part leaves the host cores. ``feed=N`` (the model step's images/s, e.g. from
+``benchmarks/throughput.py``) adds what keeping that step fed costs: host cores, and the share of
+the device's time that decoding and views take at N images/s.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from msn.data.datasets import DEFAULT_FASHION_MNIST_DIR, read_idx  # noqa: E402
 from msn.data.decode import EncodedImage, decode_batch, load_image  # noqa: E402
 from msn.data.transforms import INTERPOLATIONS, MultiViewTransform  # noqa: E402
 
-DEFAULTS = {"images": 2000, "batch": 64, "load_size": 256, "device": "cpu", "threads": 1}
+DEFAULTS = {"images": 2000, "batch": 64, "load_size": 256, "device": "cpu", "threads": 1, "feed": 0.0}
 VIEWS = {"rand_size": 224, "focal_size": 96, "rand_views": 1, "focal_views": 10}  # + the target view
 
 
@@ -72,6 +74,9 @@ def _cpu_seconds(fn: Callable[[], None]) -> tuple[float, float]:
 def main(argv: list[str]) -> None:
     opts = {**DEFAULTS, **parse_key_values(argv, DEFAULTS)}
     images, batch, load_size = int(opts["images"]), int(opts["batch"]), int(opts["load_size"])
+    feed = float(opts["feed"])
+    if feed < 0:
+        raise SystemExit(f"feed={feed}: the model step's images/s, > 0 (or 0: no feed columns)")
     device = torch.device(str(opts["device"]))
     torch.set_num_threads(int(opts["threads"]))
     per_image = MultiViewTransform(**VIEWS)
@@ -135,17 +140,26 @@ def main(argv: list[str]) -> None:
             f"{load_size}, views 2 x 224 + 10 x 96; device {device}; {cpu}; torch {torch.__version__}; "
             f"threads {torch.get_num_threads()}"
         )
-        print(
-            "| path | host CPU-s / image | device s / image | images/s per host core "
-            "| host cores per 1,000 images/s | everything on this CPU: images per CPU-second |"
+        cols = [
+            "path",
+            "host CPU-s / image",
+            "device s / image",
+            "images/s per host core",
+            "host cores per 1,000 images/s",
+            "everything on this CPU: images per CPU-second",
+        ]
+        cols += (
+            [f"host cores for {feed:,.0f} images/s", f"device share at {feed:,.0f} images/s"] if feed else []
         )
-        print("|---|---:|---:|---:|---:|---:|")
+        print("| " + " | ".join(cols) + " |\n|---|" + "---:|" * (len(cols) - 1))
         for name, (host, on_device) in paths_.items():
             host_s, dev_s = timed(host, on_device)
             total = host_s + (dev_s if device.type == "cpu" else 0.0)
             per = (host_s / n, dev_s / n)
             cells = [f"{per[0]:.2g}", f"{per[1]:.2g}", f"{n / host_s:,.0f}", f"{1000 * per[0]:.2g}"]
-            print(f"| {name} | {' | '.join(cells)} | {n / total:,.1f} |")
+            cells += [f"{n / total:,.1f}"]
+            cells += [f"{feed * per[0]:.1f}", f"{100 * feed * per[1]:.0f} %"] if feed else []
+            print(f"| {name} | {' | '.join(cells)} |")
 
 
 if __name__ == "__main__":

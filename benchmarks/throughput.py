@@ -16,7 +16,15 @@ Variants are ``{eager,compile}-{separate,packed,packedmask}-{fp32,bf16}`` (``var
 a comma list): ``compile`` is ``model.compile=true`` (inductor), ``packed`` is
 ``model.packed_views=true`` (per-view attention segments), ``packedmask`` is
 ``model.packed_views=mask`` (block-diagonal attention mask), ``bf16`` is autocast bf16
-(``trainer.precision=bf16-mixed``).
+(``trainer.precision=bf16-mixed``). ``official`` is the step as the official code runs it: fp32,
+separate views, eager, ``torch.optim.AdamW`` with its default (not fused) implementation and the
+EMA as a Python loop over the parameters; when it is in the list, the last line gives the best
+variant's images/s as a multiple of it.
+
+``profile=VARIANT`` (one of those listed) profiles ``profile_steps`` more steps of that variant
+with ``torch.profiler`` after timing it: the ops or kernels that took the most time, and the share
+of the step in attention, matrix products, the optimizer and the rest (on a GPU: device time, and
+how busy the device was over the wall time).
 
 FLOPs (analytic, model FLOPs: what the math needs, not what a kernel happens to compute). With
 width D, depth L, MLP ratio 4, a ViT forward over one view of T tokens (class token included) and
@@ -93,6 +101,8 @@ class Config:
     warmup: int = 3
     mode: str = "step"  # step | pipeline | peak
     preset: str = ""
+    profile: str = ""  # a variant to profile after timing it
+    profile_steps: int = 3
 
 
 PRESETS: dict[str, dict[str, object]] = {
@@ -128,9 +138,12 @@ PRESETS: dict[str, dict[str, object]] = {
         prototypes=1024,
     ),  # fmt: skip
 }
+# ViT-S/16: the same views, its own mask ratio (0.15).
+PRESETS["vits16"] = {**PRESETS["vitb16"], "model": "vit_small", "mask": 0.15}
 
 LAYOUTS = {"separate": False, "packed": "segments", "packedmask": "mask"}  # -> model.packed_views
 ALL_VARIANTS = [f"{c}-{p}-{d}" for d in ("fp32", "bf16") for c in ("eager", "compile") for p in LAYOUTS]
+OFFICIAL = "official"  # fp32, separate, eager, default AdamW, EMA loop: the official code's step
 
 # Dense bf16 tensor-core peaks from the datasheets (TFLOP/s), for the GPU MFU column.
 # The first name found in the device name wins (so "H100 PCIe" before "H100").
@@ -158,7 +171,19 @@ def parse(argv: list[str]) -> Config:
         raise SystemExit(f"warmup={cfg.warmup}: at least 1 warm-up step")
     if cfg.data != "synthetic":
         raise SystemExit("data=synthetic is the only data of this benchmark (random views made once)")
+    allowed = [*ALL_VARIANTS, OFFICIAL]
+    for variant in variants_of(cfg):
+        if variant not in allowed:
+            raise SystemExit(f"variant {variant!r} is unknown; allowed: {allowed}")
+    if cfg.profile and cfg.profile not in variants_of(cfg):
+        raise SystemExit(f"profile={cfg.profile!r} is not one of the variants run: {variants_of(cfg)}")
+    if cfg.profile_steps < 1:
+        raise SystemExit(f"profile_steps={cfg.profile_steps}: at least 1 step")
     return cfg
+
+
+def variants_of(cfg: Config) -> list[str]:
+    return ALL_VARIANTS if cfg.variants == "all" else cfg.variants.split(",")
 
 
 # ---------------------------------------------------------------------------------- FLOPs
@@ -217,7 +242,9 @@ def sync(device: torch.device) -> None:
 # ---------------------------------------------------------------------------------- step
 
 
-def build(cfg: Config, device: torch.device, packed: bool | str) -> tuple[MSNModule, torch.optim.Optimizer]:
+def build(
+    cfg: Config, device: torch.device, packed: bool | str, fused: bool | str = "auto"
+) -> tuple[MSNModule, torch.optim.Optimizer]:
     torch.manual_seed(0)
     encoder = {"arch": cfg.model, "patch_size": cfg.patch, "img_size": cfg.img, "in_chans": cfg.chans}
     encoder.update(
@@ -230,6 +257,7 @@ def build(cfg: Config, device: torch.device, packed: bool | str) -> tuple[MSNMod
         mask_ratio=cfg.mask,
         mask_seed=0,
         packed_views=packed,
+        optim={"fused": fused},
     ).to(device)
     # The module's own optimizer: its parameter groups, fused AdamW once the model is on CUDA.
     return model, model.configure_optimizers()
@@ -242,12 +270,24 @@ def synthetic_views(cfg: Config, device: torch.device) -> list[torch.Tensor]:
     return [torch.randn(cfg.batch, cfg.chans, s, s, generator=g).to(device) for s in sizes]
 
 
+def ema_loop_(target: torch.nn.Module, source: torch.nn.Module, momentum: float) -> None:
+    """The official code's EMA: one multiply and one add per parameter, in a Python loop."""
+    with torch.no_grad():
+        for t, s in zip(target.parameters(), source.parameters()):
+            t.mul_(momentum).add_((1.0 - momentum) * s.detach())
+
+
 def make_step(
-    model: MSNModule, opt: torch.optim.Optimizer, views: list[torch.Tensor], bf16: bool
+    model: MSNModule,
+    opt: torch.optim.Optimizer,
+    views: list[torch.Tensor],
+    bf16: bool,
+    official: bool = False,
 ) -> Callable[[], float]:
     device = views[0].device
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     params = [*model.encoder.parameters(), *model.head.parameters()]
+    ema = ema_loop_ if official else ema_update_
 
     def step() -> float:
         with autocast:
@@ -258,8 +298,8 @@ def make_step(
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 3.0)
         opt.step()
-        ema_update_(model.target_encoder, model.encoder, 0.996)
-        ema_update_(model.target_head, model.head, 0.996)
+        ema(model.target_encoder, model.encoder, 0.996)
+        ema(model.target_head, model.head, 0.996)
         return out.loss.detach()
 
     return step
@@ -272,11 +312,12 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def run_variant(cfg: Config, device: torch.device, variant: str) -> dict[str, float]:
-    mode, layout, precision = variant.split("-")
-    model, opt = build(cfg, device, packed=LAYOUTS[layout])
+    official = variant == OFFICIAL
+    mode, layout, precision = ("eager", "separate", "fp32") if official else variant.split("-")
+    model, opt = build(cfg, device, packed=LAYOUTS[layout], fused=False if official else "auto")
     if mode == "compile":
         model.compile_encoders()
-    step = make_step(model, opt, synthetic_views(cfg, device), bf16=precision == "bf16")
+    step = make_step(model, opt, synthetic_views(cfg, device), bf16=precision == "bf16", official=official)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
@@ -287,7 +328,7 @@ def run_variant(cfg: Config, device: torch.device, variant: str) -> dict[str, fl
     if not math.isfinite(float(loss)):
         raise RuntimeError(f"{variant}: non-finite loss {float(loss)}")
     wall_s, cpu_s = timed(step, cfg.steps, device)
-    return {
+    result = {
         "images_s": cfg.batch / wall_s,
         "step_ms": 1e3 * wall_s,
         "images_cpu_s": cfg.batch / cpu_s,
@@ -295,6 +336,9 @@ def run_variant(cfg: Config, device: torch.device, variant: str) -> dict[str, fl
         "warmup_s": warmup_s,
         "mem_mb": peak_memory_mb(device),
     }
+    if cfg.profile == variant:
+        result["profile"] = profile_steps(step, cfg.profile_steps, device)  # type: ignore[assignment]
+    return result
 
 
 def timed(fn: Callable[[], object], repeats: int, device: torch.device) -> tuple[float, float]:
@@ -311,6 +355,80 @@ def timed(fn: Callable[[], object], repeats: int, device: torch.device) -> tuple
         wall.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
     return sorted(wall)[repeats // 2], sorted(cpu)[repeats // 2]
+
+
+# ---------------------------------------------------------------------------------- profile
+
+# Op (CPU) or kernel (GPU) names -> where the step's time goes; the first pattern found wins.
+# (Optimizer kernels first: "FusedAdamMathFunctor" holds an "mm".)
+CATEGORIES = (
+    ("attention", ("attention", "flash", "fmha", "sdpa", "softmax")),
+    ("optimizer, clipping and EMA", ("adam", "foreach", "multi_tensor", "lerp")),
+    ("matmul", ("gemm", "mm", "matmul", "linear", "xmma", "nvjet", "cutlass", "sm90", "conv")),
+)
+
+
+def category(name: str) -> str:
+    low = name.lower()
+    return next((cat for cat, keys in CATEGORIES if any(k in low for k in keys)), "other")
+
+
+def profile_steps(step: Callable[[], object], steps: int, device: torch.device) -> dict[str, object]:
+    """Time by category and the top entries of ``steps`` steps under ``torch.profiler``.
+
+    On a GPU the entries are the device kernels (self device time); on a CPU the aten ops (self
+    CPU time), so that nested ops are not counted twice.
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync(device)
+    t0 = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        sync(device)
+    wall_us = 1e6 * (time.perf_counter() - t0)
+    entries = []
+    for evt in prof.key_averages():
+        if device.type == "cuda":
+            if evt.device_type != DeviceType.CUDA:
+                continue
+            us = evt.self_device_time_total
+        else:
+            if not evt.key.startswith("aten::"):
+                continue
+            us = evt.self_cpu_time_total
+        if us > 0:
+            entries.append((evt.key, us, evt.count))
+    total = sum(us for _, us, _ in entries)
+    shares: dict[str, float] = {cat: 0.0 for cat, _ in CATEGORIES} | {"other": 0.0}
+    for name, us, _ in entries:
+        shares[category(name)] += us / max(total, 1e-9)
+    top = sorted(entries, key=lambda e: -e[1])[:15]
+    return {
+        "shares": shares,
+        "top": top,
+        "busy": total / wall_us,
+        "step_ms": wall_us / 1e3 / steps,
+        "steps": steps,
+    }
+
+
+def print_profile(variant: str, prof: dict[str, object], device_type: str) -> None:
+    clock = "device time of the kernels" if device_type == "cuda" else "self CPU time of the aten ops"
+    print(f"\n# profile of {variant}: {prof['step_ms']:,.1f} ms per step under the profiler; {clock}")
+    if device_type == "cuda":
+        print(f"# device busy {100 * prof['busy']:.0f} % of the wall time (the rest: launches, host work)")
+    print("| share of the step | % |\n|---|---:|")
+    for cat, share in prof["shares"].items():  # type: ignore[union-attr]
+        print(f"| {cat} | {100 * share:.1f} |")
+    print("\n| op or kernel | category | calls per step | ms per step |\n|---|---|---:|---:|")
+    steps = prof["steps"]
+    for name, us, count in prof["top"]:  # type: ignore[union-attr]
+        short = name if len(name) <= 70 else name[:67] + "..."
+        print(f"| `{short}` | {category(name)} | {count / steps:g} | {us / 1e3 / steps:,.2f} |")
 
 
 # ---------------------------------------------------------------------------------- pipeline
@@ -371,13 +489,10 @@ def main(argv: list[str] | None = None) -> None:
         f"# FLOPs per image: student forward {flops['student'] / 1e9:.3f} G, "
         f"teacher forward {flops['teacher'] / 1e9:.3f} G, step {flops['step'] / 1e9:.3f} G"
     )
-    variants = ALL_VARIANTS if cfg.variants == "all" else cfg.variants.split(",")
-    for variant in variants:
-        if variant not in ALL_VARIANTS:
-            raise SystemExit(f"variant {variant!r} is unknown; allowed: {ALL_VARIANTS}")
+    variants = variants_of(cfg)
     peaks = {}
     for dtype_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        if cfg.mode == "peak" or any(v.endswith(dtype_name) for v in variants):
+        if cfg.mode == "peak" or any(precision_of(v) == dtype_name for v in variants):
             peaks[dtype_name] = measure_peak(device, dtype)
             print(f"# measured {dtype_name} matmul peak: {peaks[dtype_name] / 1e9:,.1f} GFLOP/s")
     datasheet = (
@@ -388,12 +503,27 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.mode == "peak":
         return
     print(table_header(device.type, datasheet is not None))
+    results = {}
     for variant in variants:
-        r = run_variant(cfg, device, variant)
+        results[variant] = r = run_variant(cfg, device, variant)
         print(
-            table_row(variant, r, flops["step"], peaks[variant.split("-")[2]], datasheet, device.type),
+            table_row(variant, r, flops["step"], peaks[precision_of(variant)], datasheet, device.type),
             flush=True,
         )
+    if OFFICIAL in results and len(results) > 1:
+        best = max((v for v in results if v != OFFICIAL), key=lambda v: results[v]["images_s"])
+        top, base = results[best]["images_s"], results[OFFICIAL]["images_s"]
+        print(
+            f"\n# best variant {best}: {top:.1f} images/s, {top / base:.2f} x the official-style step "
+            f"({base:.1f} images/s)"
+        )
+    for variant, r in results.items():
+        if "profile" in r:
+            print_profile(variant, r["profile"], device.type)  # type: ignore[arg-type]
+
+
+def precision_of(variant: str) -> str:
+    return "fp32" if variant == OFFICIAL else variant.split("-")[2]
 
 
 def table_header(device_type: str, datasheet: bool) -> str:

@@ -118,12 +118,12 @@ def _float64(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: v.double() if v.is_floating_point() else v.clone() for k, v in state.items()}
 
 
-def _train(model: Recording, data: Views, out: Path, **trainer_kw) -> list[dict]:
+def _train(model: Recording, data: Views, out: Path, accelerator: str = "cpu", **trainer_kw) -> list[dict]:
     """3 steps (one epoch of 3 batches per rank) with Lightning in float64; one record per rank."""
     model.out = str(out / "rank{rank}.pt")
     L.Trainer(
         max_epochs=1,
-        accelerator="cpu",
+        accelerator=accelerator,
         precision="64-true",
         logger=False,
         enable_checkpointing=False,
@@ -132,7 +132,7 @@ def _train(model: Recording, data: Views, out: Path, **trainer_kw) -> list[dict]
         **trainer_kw,
     ).fit(model, DataLoader(data, batch_size=B, shuffle=False))
     world = trainer_kw.get("devices", 1)
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    return [torch.load(out / f"rank{r}.pt", weights_only=False, map_location="cpu") for r in range(world)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,6 +349,18 @@ def test_one_process_equals_the_official_iteration(tmp_path, rand_views, kw) -> 
     data = Views(B * STEPS, rand_views, focal=2)
     records = _train(model, data, tmp_path)
     _assert_equal_to_reference(records, initial, data, rand_views)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("packed", [False, True])
+def test_one_gpu_equals_the_official_iteration(tmp_path, packed) -> None:
+    """The same iteration trained on a GPU (float64: its kernels, the fused AdamW, masks drawn on
+    the device) against the CPU reference."""
+    model = _module(1, packed_views=packed)
+    initial = _float64(model.state_dict())
+    data = Views(B * STEPS, 1, focal=2)
+    records = _train(model, data, tmp_path, accelerator="gpu")
+    _assert_equal_to_reference(records, initial, data, 1)
 
 
 def test_two_processes_equal_the_official_iteration_on_the_global_batch(tmp_path, monkeypatch) -> None:

@@ -1,7 +1,6 @@
 """Speed options of MSNModule: torch.compile, bf16-mixed (loss in float32), fused attention, fused AdamW.
 
-Tests whose name contains ``cuda`` need a GPU (``benchmarks/gpu_check.sh`` runs them); they are
-skipped elsewhere.
+Tests marked ``cuda`` need a GPU (``benchmarks/gpu_check.sh`` runs them); they are skipped elsewhere.
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ from msn.module import MSNModule
 from tests.helpers import fit_steps, tiny_module
 
 B, VIEWS = 4, (16, 16, 8, 8)  # target, one masked anchor, two focal views
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 class RandomViews(Dataset):
@@ -139,7 +137,7 @@ def test_inductor_compiled_packed_step_matches_eager():
 # --------------------------------------------------------------------------------------
 
 
-@needs_cuda
+@pytest.mark.cuda
 def test_cuda_fused_adamw_and_bf16_step():
     model = _fit(_module(), accelerator="gpu", precision="bf16-mixed")
     opt = model.configure_optimizers()
@@ -149,21 +147,43 @@ def test_cuda_fused_adamw_and_bf16_step():
     assert all(torch.isfinite(loss) for loss in model.losses)
 
 
-@needs_cuda
+@pytest.mark.cuda
 def test_cuda_packed_equals_separate():
     eager = _fit(_module(), accelerator="gpu", precision=EXACT)
     packed = _fit(_module(packed_views=True), accelerator="gpu", precision=EXACT)
     _assert_same_run(packed, eager, tol=1e-5)
 
 
-@needs_cuda
+@pytest.mark.cuda
 def test_cuda_inductor_compiled_step_matches_eager():
     eager = _fit(_module(packed_views=True), accelerator="gpu", precision=EXACT)
     compiled = _fit(_module(packed_views=True, compile=True), accelerator="gpu", precision=EXACT)
     _assert_same_run(compiled, eager, tol=1e-5)
 
 
-@needs_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("packed", [False, True])
+def test_cuda_bf16_anchor_pass_runs_on_flash_attention(packed):
+    """Restricted to the flash kernel alone, SDPA raises on any call flash cannot serve, so a bf16
+    anchor forward and backward that pass ran every attention on flash (separate views, and the
+    packed segments); they equal the math kernel's up to bf16 rounding."""
+    data = RandomViews()
+    views = [torch.stack([data[i][0][v] for i in range(B)]).cuda() for v in range(1, len(VIEWS))]
+
+    def anchor_pass(backend: SDPBackend) -> tuple[torch.Tensor, torch.Tensor]:
+        model = _module(packed_views=packed).cuda()  # same weights and mask draws every time
+        with torch.autocast("cuda", dtype=torch.bfloat16), sdpa_kernel(backend):
+            z = model.anchor_projections(views).float()
+        z.square().sum().backward()  # the kernel's own backward, chosen in the forward
+        return z.detach(), model.encoder.blocks[0].attn.qkv.weight.grad
+
+    z_flash, grad_flash = anchor_pass(SDPBackend.FLASH_ATTENTION)
+    z_math, grad_math = anchor_pass(SDPBackend.MATH)
+    torch.testing.assert_close(z_flash, z_math, rtol=0.05, atol=0.05)
+    assert (grad_flash - grad_math).norm() <= 0.05 * grad_math.norm()
+
+
+@pytest.mark.cuda
 def test_cuda_fsdp_single_gpu_step():
     """The FSDP wiring (root-unit EMA gather, sharded clipping) on one GPU: the EMA target moves."""
     from lightning.pytorch.strategies import FSDPStrategy
@@ -236,3 +256,68 @@ def test_benchmark_flop_formula_matches_torch_flop_counter(packed):
     flops = bench.step_flops_per_image(cfg, size.embed_dim, size.depth)
     expected = cfg.batch * (flops["student"] + flops["teacher"])
     assert counter.get_total_flops() == pytest.approx(expected, rel=1e-6)
+
+
+def test_benchmark_official_style_step_computes_what_our_step_computes():
+    """The ``official`` variant of benchmarks/throughput.py (default AdamW, the EMA as a Python
+    loop) must be the same iteration as our step, or its speed ratio would compare unlike work."""
+    bench = _throughput_script()
+    cfg = bench.parse(
+        ["model=vit_nano", "img=16", "patch=4", "chans=1", "focal=8", "focal_views=2", "batch=4"]
+    )
+    cfg.head_hidden, cfg.head_out, cfg.prototypes = 64, 32, 20
+    runs = []
+    for official in (True, False):
+        model, opt = bench.build(cfg, torch.device("cpu"), packed=False, fused=False if official else "auto")
+        model.double()  # in place: the optimizer keeps its parameters (see EXACT above)
+        views = [v.double() for v in bench.synthetic_views(cfg, torch.device("cpu"))]
+        step = bench.make_step(model, opt, views, False, official)
+        runs.append(([float(step()) for _ in range(3)], model.state_dict()))
+    (loss_a, state_a), (loss_b, state_b) = runs
+    assert loss_a == pytest.approx(loss_b, rel=1e-9)
+    assert loss_a[0] != pytest.approx(loss_a[2], rel=1e-3)  # the steps changed the model
+    for name, p in state_a.items():
+        torch.testing.assert_close(p, state_b[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+OPTIMIZER = "optimizer, clipping and EMA"
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "matmul"),
+        ("nvjet_tst_128x256_64x4_2x1_v_bz_coopA_NNT", "matmul"),
+        ("aten::addmm", "matmul"),
+        ("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Traits>", "attention"),
+        ("aten::_scaled_dot_product_flash_attention_for_cpu", "attention"),
+        ("void at::native::multi_tensor_apply_kernel<Metadata<4>, FusedAdamMathFunctor>", OPTIMIZER),
+        ("aten::_foreach_lerp_", OPTIMIZER),
+        ("triton_per_fused_native_layer_norm_native_layer_norm_backward_0", "other"),
+        ("void at::native::vectorized_elementwise_kernel<4, GeluCUDAKernelImpl>", "other"),
+    ],
+)
+def test_benchmark_profile_categories(name, expected):
+    assert _throughput_script().category(name) == expected
+
+
+def test_benchmark_profile_of_a_cpu_step():
+    bench = _throughput_script()
+    cfg = bench.parse(
+        ["model=vit_nano", "img=16", "patch=4", "chans=1", "focal=8", "focal_views=2", "batch=4"]
+    )
+    cfg.head_hidden, cfg.head_out, cfg.prototypes = 64, 32, 20
+    model, opt = bench.build(cfg, torch.device("cpu"), packed=False)
+    prof = bench.profile_steps(
+        bench.make_step(model, opt, bench.synthetic_views(cfg, torch.device("cpu")), False),
+        2,
+        torch.device("cpu"),
+    )
+    assert sum(prof["shares"].values()) == pytest.approx(1.0)
+    assert prof["shares"]["matmul"] > 0.1 and prof["shares"]["attention"] > 0  # a ViT step
+    names = [name for name, _, _ in prof["top"]]
+    assert "aten::mm" in names and prof["steps"] == 2
+    with pytest.raises(SystemExit, match="profile='compile-packed-bf16' is not one of the variants run"):
+        bench.parse(["variants=official,eager-packed-fp32", "profile=compile-packed-bf16"])
+    with pytest.raises(SystemExit, match="variant 'fast' is unknown"):
+        bench.parse(["variants=official,fast"])

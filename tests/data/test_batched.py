@@ -138,7 +138,8 @@ def test_batched_rejects_wrong_channels_and_bad_arguments():
         BatchedMultiView(**_aug(hflip_p=1.5))
 
 
-def test_datamodule_device_augmentation_trains(tmp_path):
+@pytest.mark.parametrize("accelerator", ["cpu", pytest.param("gpu", marks=pytest.mark.cuda)])
+def test_datamodule_device_augmentation_trains(tmp_path, accelerator):
     dm = MSNDataModule(
         name="digits",
         in_chans=1,
@@ -157,8 +158,18 @@ def test_datamodule_device_augmentation_trains(tmp_path):
         MSNDataModule(name="imagefolder", root=str(tmp_path), augment_on="device")
     model = tiny_module(num_prototypes=8, mask_ratio=0.15, mask_seed=None)
     before = model.prototypes.detach().clone()
-    fit_steps(model, dm, 2, default_root_dir=tmp_path)
+    devices = []
+    original = dm.on_after_batch_transfer
+
+    def spy(batch: object, idx: int) -> object:
+        views, labels = original(batch, idx)
+        devices.extend(v.device.type for v in views)
+        return views, labels
+
+    dm.on_after_batch_transfer = spy  # type: ignore[method-assign]
+    fit_steps(model, dm, 2, accelerator, default_root_dir=tmp_path)
     assert model.global_step == 2
+    assert set(devices) == {"cuda" if accelerator == "gpu" else "cpu"}  # made on the training device
     assert not torch.equal(before, model.prototypes.detach())
 
 
@@ -193,3 +204,37 @@ def test_batch_seed_depends_on_every_sample_seed():
     assert batch_seed(seeds) == batch_seed(seeds.clone())
     assert batch_seed(seeds) != batch_seed(torch.tensor([3, 5, 8]))
     assert batch_seed(seeds) != batch_seed(torch.tensor([5, 3, 7]))
+
+
+@pytest.mark.cuda
+def test_cuda_batched_ops_match_the_cpu():
+    """The batched view ops give on a GPU what they give on the CPU for the same random draws
+    (the draws themselves differ between devices: each has its own generator)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 3, 28, 28, generator=g)
+    boxes = sample_crop_boxes(6, 28, 28, (0.3, 1.0), generator=g)
+    factor, shift = torch.rand(6, generator=g) + 0.5, torch.rand(6, generator=g) - 0.5
+    sigma = torch.rand(6, generator=g) * 1.9 + 0.1
+    cpu = [
+        crop_and_resize(x, boxes, 16),
+        _blend(x, x.flip(-1), factor),
+        _rotate_hue(x, shift),
+        _gaussian_blur(x, 9, sigma),
+    ]
+    xc = x.cuda()
+    gpu = [
+        crop_and_resize(xc, boxes.cuda(), 16),
+        _blend(xc, xc.flip(-1), factor.cuda()),
+        _rotate_hue(xc, shift.cuda()),
+        _gaussian_blur(xc, 9, sigma.cuda()),
+    ]
+    for name, a, b in zip(("crop_and_resize", "blend", "rotate_hue", "gaussian_blur"), cpu, gpu):
+        assert b.device.type == "cuda"
+        torch.testing.assert_close(b.cpu(), a, atol=1e-5, rtol=0, msg=name)
+    # The whole augmentation on a GPU: its own generator, reproducible, normalised like the CPU's.
+    images = torch.randint(0, 256, (6, 1, 28, 28), dtype=torch.uint8, device="cuda")
+    aug = BatchedMultiView(**_aug()).cuda()
+    views = aug(images, torch.Generator(device="cuda").manual_seed(3))
+    again = aug(images, torch.Generator(device="cuda").manual_seed(3))
+    assert [v.device.type for v in views] == ["cuda"] * 5
+    assert all(torch.equal(a, b) for a, b in zip(views, again))

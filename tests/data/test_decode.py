@@ -117,7 +117,8 @@ def _jpeg_folder(root: Path, n: int = 12) -> Path:
     return root
 
 
-def test_training_decodes_each_batch_on_the_device_and_skips_a_broken_jpeg(tmp_path):
+@pytest.mark.parametrize("accelerator", ["cpu", pytest.param("gpu", marks=pytest.mark.cuda)])
+def test_training_decodes_each_batch_on_the_device_and_skips_a_broken_jpeg(tmp_path, accelerator):
     root = _jpeg_folder(tmp_path / "jpegs")
     model = tiny_module(seed=0)
     dm = device_views_data("imagefolder", root, tmp_path, "device", batch_size=4)
@@ -126,13 +127,14 @@ def test_training_decodes_each_batch_on_the_device_and_skips_a_broken_jpeg(tmp_p
 
     def spy(batch: object, idx: int) -> object:
         views, labels = original(batch, idx)
-        seen.append([v.shape for v in views])
+        seen.append([(v.shape, v.device.type) for v in views])
         return views, labels
 
     dm.on_after_batch_transfer = spy  # type: ignore[method-assign]
-    trainer = fit_steps(model, dm, 3).trainer
+    trainer = fit_steps(model, dm, 3, accelerator).trainer
     assert trainer.global_step == 3 and torch.isfinite(trainer.callback_metrics["train/loss"])
-    assert seen[0] == [(4, 1, 16, 16), (4, 1, 16, 16), (4, 1, 8, 8)]
+    device = "cuda" if accelerator == "gpu" else "cpu"  # decoded (nvJPEG on a GPU) and viewed there
+    assert seen[0] == [((4, 1, 16, 16), device), ((4, 1, 16, 16), device), ((4, 1, 8, 8), device)]
     assert list(read_bad_image_log(tmp_path / "bad_device.txt")) == [str(root / "a" / "zz_broken.jpg")]
 
 
@@ -145,7 +147,7 @@ def test_decode_on_device_needs_views_made_on_the_device_and_encoded_files():
         MSNDataModule(name="digits", decode_on="gpu")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (nvJPEG)")
+@pytest.mark.cuda  # nvJPEG
 def test_nvjpeg_on_cuda_decodes_what_the_host_decodes(images):
     batch = [_encoded(img, "JPEG", f"{i}.jpg", quality=90) for i, img in enumerate(images)]
     batch.append(_encoded(images[0], "PNG", "host.png"))  # decoded on the host, then moved
