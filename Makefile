@@ -5,6 +5,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
+# Test processes (pytest-xdist): most of the suite's time is train.py subprocesses importing
+# torch and lightning, one core each; 2 keeps a 2-core machine busy (TEST_WORKERS=0: one process).
+TEST_WORKERS ?= 2
 
 .PHONY: run test lint install clean
 
@@ -22,7 +25,7 @@ run: $(VENV)/.installed
 	$(PY) train.py $(ARGS)
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) $(ARGS)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

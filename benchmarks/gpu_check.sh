@@ -7,11 +7,11 @@
 #   vitb16    ViT-B/16 step, official views (224 + 10 x 96, mask 0.3, batch 64): the official-style
 #             step (fp32, separate, eager, default AdamW, EMA loop) beside fp32/bf16 x separate/
 #             packed x eager/compile; images/s, peak memory, MFU; a profile of compile-packed-bf16
-#   vits16    the same for ViT-S/16 (mask 0.15), fewer variants
 #   train     a real train.py run: 50 steps of ViT-B/16 in bf16 with torch.compile and packed views,
 #             JPEGs decoded (nvJPEG) and viewed on the GPU, then the low-shot table and the report
 #   pipeline  JPEG -> views per host core: PIL workers, CPU decode + GPU views, GPU decode, set
 #             against the best ViT-B/16 images/s of the vitb16 stage
+#   vits16    the vitb16 table for ViT-S/16 (mask 0.15), fewer variants
 #
 #   bash benchmarks/gpu_check.sh                       # all stages: about 8-9 minutes on an H100/H200
 #   STAGES="tests train" bash benchmarks/gpu_check.sh  # a rerun of some stages
@@ -25,7 +25,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DRY=${DRY:-0}
-STAGES=${STAGES:-env tests vitb16 vits16 train pipeline}
+STAGES=${STAGES:-env tests vitb16 train pipeline vits16}
 LOG_DIR=${LOG_DIR:-benchmarks/gpu_check_logs}
 STEPS=${STEPS:-15}
 WARMUP=${WARMUP:-3}
@@ -129,12 +129,12 @@ fi
 stage env 60 card
 stage tests 240 env MSN_REQUIRE_CUDA=1 "$PY" -m pytest -p no:cacheprovider "${TESTS[@]}" tests
 stage vitb16 300 "$PY" benchmarks/throughput.py "${B16[@]}"
-stage vits16 180 "$PY" benchmarks/throughput.py "${S16[@]}"
 wanted train && images "$WORK/images" "${IMAGES[@]}"
 stage train 240 "$PY" train.py data=imagefolder data.root="$WORK/images" data.augment_on=device \
   data.decode_on=device lowshot.raw_pixels=false hydra.run.dir="$WORK/run" "${TRAIN[@]}"
 best=$(sed -n 's/^# best variant [^:]*: \([0-9.]*\) images\/s.*/\1/p' "$LOG_DIR/vitb16.log" 2>/dev/null || true)
 stage pipeline 150 "$PY" benchmarks/decode_pipeline.py "${PIPE[@]}" ${best:+feed=$best}
+stage vits16 180 "$PY" benchmarks/throughput.py "${S16[@]}"
 
 cat "$LOG_DIR/summary.txt"
 if [ ${#failed[@]} -gt 0 ]; then
