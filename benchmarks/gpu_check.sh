@@ -13,10 +13,15 @@
 #             against the best ViT-B/16 images/s of the vitb16 stage
 #   vits16    the vitb16 table for ViT-S/16 (mask 0.15), fewer variants
 #
-#   bash benchmarks/gpu_check.sh                       # all stages: about 8-9 minutes on an H100/H200
+#   bash benchmarks/gpu_check.sh                       # all stages (not yet timed on a GPU; estimated
+#                                                      # 8-9 minutes on an H100/H200, most of it compiling)
 #   STAGES="tests train" bash benchmarks/gpu_check.sh  # a rerun of some stages
 #   DRY=1 bash benchmarks/gpu_check.sh                 # the same stages on a CPU at tiny sizes (checks
 #                                                      # the script itself; no CUDA test runs)
+#   VARIANTS_B16=official,eager-packed-bf16 PROFILE=eager-packed-bf16 STAGES=vitb16 bash benchmarks/gpu_check.sh
+#
+# Other settings: STEPS (15 timed steps), WARMUP (3), BATCH (64), VARIANTS_S16, IMAGES_PIPELINE
+# (2,000 JPEGs), LOG_DIR (benchmarks/gpu_check_logs).
 #
 # Python: $PY, else .venv/bin/python, else python3. A machine without a package index: put the
 # missing packages' wheels in .whl/; they are installed into a temporary folder first. The msn
@@ -116,9 +121,10 @@ if [ "$DRY" = 1 ]; then
   PIPE=(images=128)
 else
   TESTS=(-m cuda -rs)
-  B16=(preset=vitb16 batch="$BATCH" steps="$STEPS" warmup="$WARMUP" profile=compile-packed-bf16
-       variants=official,eager-separate-fp32,eager-separate-bf16,eager-packed-bf16,compile-separate-bf16,compile-packed-bf16)
-  S16=(preset=vits16 batch="$BATCH" steps="$STEPS" warmup="$WARMUP" variants=official,eager-packed-bf16,compile-packed-bf16)
+  B16=(preset=vitb16 batch="$BATCH" steps="$STEPS" warmup="$WARMUP" profile="${PROFILE:-compile-packed-bf16}"
+       variants="${VARIANTS_B16:-official,eager-separate-fp32,eager-separate-bf16,eager-packed-bf16,compile-separate-bf16,compile-packed-bf16}")
+  S16=(preset=vits16 batch="$BATCH" steps="$STEPS" warmup="$WARMUP"
+       variants="${VARIANTS_S16:-official,eager-packed-bf16,compile-packed-bf16}")
   TRAIN=(model=vit_base model.encoder.patch_size=16 model.mask_ratio=0.3 data.batch_size="$BATCH"
          data.load_size=256 trainer.max_steps=50 trainer.precision=bf16-mixed model.compile=true
          model.packed_views=true data.num_workers=8)
