@@ -64,6 +64,22 @@ def fit_steps(
     return model
 
 
+def record_views(dm: MSNDataModule) -> list[list[tuple[tuple[int, ...], str]]]:
+    """Wraps ``dm.on_after_batch_transfer``; the list returned gets, per training batch, the
+    ``(shape, device type)`` of every view that the hook made."""
+    seen: list[list[tuple[tuple[int, ...], str]]] = []
+    original = dm.on_after_batch_transfer
+
+    def recording(batch: object, idx: int) -> object:
+        out = original(batch, idx)
+        if out is not batch:  # the views were made (training batches with augment_on=device)
+            seen.append([(tuple(v.shape), v.device.type) for v in out[0]])  # type: ignore[index]
+        return out
+
+    dm.on_after_batch_transfer = recording  # type: ignore[method-assign]
+    return seen
+
+
 def device_views_data(name: str, root: Path, log_dir: Path, decode_on: str, batch_size: int) -> MSNDataModule:
     """Encoded images of ``name`` at ``root`` for :func:`tiny_module`: 16 px grey views made on the
     device (one focal view), decoded per ``decode_on``, bad images listed in ``log_dir``."""

@@ -19,7 +19,7 @@ from msn.data.batched import (
     sample_crop_boxes,
 )
 from msn.data.resumable import batch_seed
-from tests.helpers import fit_steps, tiny_module
+from tests.helpers import fit_steps, record_views, tiny_module
 
 
 def test_crop_boxes_follow_torchvision_rule():
@@ -158,18 +158,11 @@ def test_datamodule_device_augmentation_trains(tmp_path, accelerator):
         MSNDataModule(name="imagefolder", root=str(tmp_path), augment_on="device")
     model = tiny_module(num_prototypes=8, mask_ratio=0.15, mask_seed=None)
     before = model.prototypes.detach().clone()
-    devices = []
-    original = dm.on_after_batch_transfer
-
-    def spy(batch: object, idx: int) -> object:
-        views, labels = original(batch, idx)
-        devices.extend(v.device.type for v in views)
-        return views, labels
-
-    dm.on_after_batch_transfer = spy  # type: ignore[method-assign]
+    seen = record_views(dm)
     fit_steps(model, dm, 2, accelerator, default_root_dir=tmp_path)
     assert model.global_step == 2
-    assert set(devices) == {"cuda" if accelerator == "gpu" else "cpu"}  # made on the training device
+    devices = {device for batch in seen for _, device in batch}
+    assert len(seen) == 2 and devices == {"cuda" if accelerator == "gpu" else "cpu"}  # the training device
     assert not torch.equal(before, model.prototypes.detach())
 
 

@@ -15,7 +15,7 @@ from PIL import Image
 from msn.data import MSNDataModule
 from msn.data.decode import BadImageError, BadImageLog, EncodedImage, decode_batch, read_bad_image_log
 from msn.data.folders import build_imagefolder
-from tests.helpers import bad_image_folder, device_views_data, fit_steps, tiny_module
+from tests.helpers import bad_image_folder, device_views_data, fit_steps, record_views, tiny_module
 
 
 def _encoded(img: Image.Image, fmt: str, name: str, **save: object) -> EncodedImage:
@@ -122,15 +122,7 @@ def test_training_decodes_each_batch_on_the_device_and_skips_a_broken_jpeg(tmp_p
     root = _jpeg_folder(tmp_path / "jpegs")
     model = tiny_module(seed=0)
     dm = device_views_data("imagefolder", root, tmp_path, "device", batch_size=4)
-    seen = []
-    original = dm.on_after_batch_transfer
-
-    def spy(batch: object, idx: int) -> object:
-        views, labels = original(batch, idx)
-        seen.append([(v.shape, v.device.type) for v in views])
-        return views, labels
-
-    dm.on_after_batch_transfer = spy  # type: ignore[method-assign]
+    seen = record_views(dm)
     trainer = fit_steps(model, dm, 3, accelerator).trainer
     assert trainer.global_step == 3 and torch.isfinite(trainer.callback_metrics["train/loss"])
     device = "cuda" if accelerator == "gpu" else "cpu"  # decoded (nvJPEG on a GPU) and viewed there
